@@ -1,0 +1,130 @@
+"""The Gaussian diffusion of X-MDPT (as in ADM/DiT): linear betas, epsilon prediction, learned-range
+variance, the hybrid MSE + VLB loss, and the DDIM sampler stepping exactly between the kept timesteps.
+
+Schedule arrays are float64; each coefficient is taken at t and cast to float32 before use, as ADM does.
+"""
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of x in [-1, 1], quantised to 256 bins, under a Gaussian (the decoder term at t=0)."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def mean_flat(x):
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def sampling_timesteps(num_timesteps, steps):
+    """The original timesteps a `steps`-step sampler visits: round(k * (T-1)/(steps-1)), k = 0..steps-1."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+    stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
+    kept, position = [], 0.0
+    for _ in range(steps):
+        kept.append(round(position))
+        position += stride
+    return kept
+
+
+class Diffusion:
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        self.num_timesteps = num_timesteps
+        scale = 1000 / num_timesteps
+        betas = np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+        self.betas = betas
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.alphas_cumprod = alphas_cumprod
+        self.sqrt_alphas_cumprod = np.sqrt(alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / alphas_cumprod - 1)
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.posterior_log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
+        self.log_betas = np.log(betas)
+
+    @staticmethod
+    def _at(arr, t, x):
+        """arr[t] as float32, shaped to broadcast over x."""
+        values = torch.from_numpy(arr).to(t.device)[t].float()
+        return values.view(-1, *([1] * (x.ndim - 1)))
+
+    def sample_timesteps(self, n, device=None, generator=None):
+        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
+
+    def q_sample(self, x0, t, noise):
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def predict_x0(self, x_t, t, eps):
+        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def q_posterior(self, x0, x_t, t):
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
+
+    def vb_terms_bpd(self, eps, var_values, x0, x_t, t):
+        """The VLB term in bits per dimension for a model output (eps, variance interpolation in [-1, 1])."""
+        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
+        min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
+        max_log = self._at(self.log_betas, t, x_t)
+        frac = (var_values + 1) / 2
+        model_logvar = frac * max_log + (1 - frac) * min_log
+        model_mean, _ = self.q_posterior(self.predict_x0(x_t, t, eps), x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, model_mean, model_logvar)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
+        """Per-sample `mse` (epsilon), `vb` (VLB with the mean frozen, trains the variance) and `loss`."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t, **(model_kwargs or {}))
+        channels = x0.shape[1]
+        if out.shape[1] != 2 * channels:
+            raise ValueError(f"training_losses needs a learned-sigma model output with {2 * channels} channels, "
+                             f"got {out.shape[1]}")
+        eps, var_values = out.split(channels, dim=1)
+        vb = self.vb_terms_bpd(eps.detach(), var_values, x0, x_t, t)
+        mse = mean_flat((noise - eps) ** 2)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn, z, steps=50, progress=False):
+        """Deterministic DDIM (eta = 0) from noise z over `steps` kept timesteps; the last step lands on
+        alpha_bar = 1. model_fn(x, t) gets the original timesteps and returns eps in its first channels."""
+        kept = sampling_timesteps(self.num_timesteps, steps)
+        x = z
+        channels = z.shape[1]
+        for i in tqdm(range(steps - 1, -1, -1), disable=not progress, desc="DDIM"):
+            t = torch.full((z.shape[0],), kept[i], dtype=torch.long, device=z.device)
+            eps = model_fn(x, t)[:, :channels].to(x.dtype)
+            x0 = self.predict_x0(x, t, eps)
+            eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x)
+            alpha_bar_prev = torch.full_like(x[:, :1, :1, :1], float(self.alphas_cumprod[kept[i - 1]]) if i > 0 else 1.0)
+            x = x0 * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev).sqrt() * eps
+        return x

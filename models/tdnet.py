@@ -1,0 +1,201 @@
+"""TDNet: the transformer denoising network of X-MDPT.
+
+A DiT backbone on latent patches: AdaLN-Zero blocks whose attention carries a learned, BEiT-style relative
+position bias, a sin-cos initialised absolute position embedding, and a second ("decoder") position
+embedding added before the last `decode_layer` blocks. Attention runs through
+`scaled_dot_product_attention` with the bias as an additive mask.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def sincos_pos_embed(dim, grid):
+    """2-D sin-cos position embedding (grid*grid, dim): first half encodes the column, second the row."""
+    if dim % 4:
+        raise ValueError(f"hidden_size must be a multiple of 4 for the sin-cos embedding, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def encode(pos):
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) latents -> (N, H*W/p^2, D) tokens through a strided convolution."""
+
+    def __init__(self, input_size, patch_size, in_channels, dim):
+        super().__init__()
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.grid = input_size // patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the timestep (cos then sin, 256 of them) through a two-layer MLP."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class RelativePositionBias(nn.Module):
+    """Learned bias per head for every (query, key) offset on a grid x grid token map.
+
+    The table has (2g-1)^2 + 3 rows, as in BEiT (the last three are unused here). Without gradient the
+    (heads, L, L) bias is computed once and reused until the table changes.
+    """
+
+    def __init__(self, grid, num_heads):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        offset = coords[:, :, None] - coords[:, None, :] + grid - 1
+        self.register_buffer("index", offset[0] * (2 * grid - 1) + offset[1], persistent=False)
+        self._cache = None
+
+    def forward(self):
+        if torch.is_grad_enabled():
+            return self._compute()
+        key = (self.table._version, self.table.data_ptr(), self.table.dtype)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compute())
+        return self._cache[1]
+
+    def _compute(self):
+        n = self.index.shape[0]
+        return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a relative position bias; `cross=True` takes keys/values from a context."""
+
+    def __init__(self, dim, num_heads, grid, cross=False):
+        super().__init__()
+        self.num_heads, self.cross = num_heads, cross
+        if cross:
+            self.to_q = nn.Linear(dim, dim)
+            self.to_kv = nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(grid, num_heads)
+
+    def forward(self, x, ids_keep=None, context=None):
+        n, length, dim = x.shape
+        split = lambda z: z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        if self.cross:
+            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        bias = self.rel_pos_bias()
+        if ids_keep is not None:
+            bias = bias[:, ids_keep[:, :, None], ids_keep[:, None, :]].transpose(0, 1)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """AdaLN-Zero transformer block: c gives shift, scale and gate for the attention and the MLP."""
+
+    def __init__(self, dim, num_heads, grid, mlp_ratio=4.0, cross=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, grid, cross=cross)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, ids_keep=None, context=None):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), ids_keep, context)
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class TDNet(nn.Module):
+    """Patch embedding, timestep embedding, the encoder/decoder block stack and the output head.
+
+    Blocks [0, depth - decode_layer) form the encoder (they also run on the kept tokens when masking);
+    the rest form the decoder, which starts by adding `decoder_pos_embed`.
+    """
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                 out_channels, decode_layer):
+        super().__init__()
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        grid = self.x_embedder.grid
+        self.num_patches = grid * grid
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, grid).unsqueeze(0))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, grid).unsqueeze(0))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, grid, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.split = depth - decode_layer
+        self.patch_size, self.out_channels = patch_size, out_channels
+
+    def embed(self, x):
+        return self.x_embedder(x) + self.pos_embed
+
+    def encode(self, h, c, ids_keep=None):
+        for block in self.blocks[:self.split]:
+            h = block(h, c, ids_keep)
+        return h
+
+    def forward(self, h, c):
+        """The unmasked pass over embedded tokens h: encoder, decoder position embedding, decoder."""
+        return self.decode(self.encode(h, c) + self.decoder_pos_embed, c)
+
+    def decode(self, h, c):
+        for block in self.blocks[self.split:]:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
+
+    def unpatchify(self, h):
+        n, length, _ = h.shape
+        g, p = int(round(length ** 0.5)), self.patch_size
+        h = h.reshape(n, g, g, p, p, self.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(n, self.out_channels, g * p, g * p)
