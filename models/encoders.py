@@ -1,0 +1,262 @@
+"""The frozen encoders of X-MDPT: DINOv2 for the pose and source-image tokens, the SD VAE for latents.
+
+Weights only ever come from local files (no downloads). For tests and the demo, every encoder can also be
+built with random weights, through the same classes and code paths.
+"""
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models import AutoencoderKL
+from safetensors.torch import load_file
+from timm.models.vision_transformer import checkpoint_filter_fn
+
+DINOV2_ARCHS = {
+    "vits14": "vit_small_patch14_dinov2",
+    "vitb14": "vit_base_patch14_dinov2",
+    "vitl14": "vit_large_patch14_dinov2",
+    "vitg14": "vit_giant_patch14_dinov2",
+}
+DINOV2_SIZE = 224  # input resolution of the released models: 16x16 patches of 14 pixels
+LATENT_SCALE = 0.18215  # SD VAE latent scale, as the released models were trained with
+
+
+def _autocast(x):
+    """bf16 autocast on CUDA (as the released code ran the encoders); a no-op on CPU, which stays float32."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda)
+
+
+class Frozen(nn.Module):
+    """A pretrained network that is never trained: no gradients, and eval mode whatever its parent asks."""
+
+    def freeze(self):
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DINOv2
+# ---------------------------------------------------------------------------------------------------------
+
+def check_dinov2_weights(arch, weights):
+    """Validate a DINOv2 entry before anything is built: a known arch, and an existing file or "random"."""
+    if arch not in DINOV2_ARCHS:
+        raise ValueError(f"unknown DINOv2 arch {arch!r}; expected one of {sorted(DINOV2_ARCHS)}")
+    if weights == "random":
+        return
+    if weights is None:
+        raise ValueError(f"DINOv2 {arch}: weights must be a local file, or 'random' (tests and demo only)")
+    if not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"DINOv2 {arch} weights not found: {weights}. Get the original checkpoint from "
+            f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_pretrain.pth "
+            f"(facebookresearch/dinov2), or use timm's {DINOV2_ARCHS[arch]}.lvd142m safetensors file."
+        )
+
+
+def resample_pos_embed(pos_embed, grid):
+    """Resample the patch position grid to grid x grid the way DINOv2 does at run time.
+
+    DINOv2's interpolate_pos_encoding: bicubic, scale factor (grid + 0.1) / old grid, no antialiasing, in
+    float32, and nothing at all when the grid already fits. Doing it once before loading gives the torch.hub
+    model's features exactly; timm's own resampling (to the target size, antialiased) does not.
+    """
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = round(patch_pos.shape[1] ** 0.5)
+    if old == grid:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, scale_factor=(grid + 0.1) / old, mode="bicubic", antialias=False)
+    assert patch_pos.shape[-2:] == (grid, grid), patch_pos.shape
+    return torch.cat([cls_pos.float(), patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+
+def load_dinov2_state_dict(path, net):
+    """An original DINOv2 .pth or a timm .safetensors/.pth file, as a float32 state dict for `net`."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state["pos_embed"] = resample_pos_embed(state["pos_embed"], net.patch_embed.grid_size[0])
+    # timm's filter renames the original keys (drops mask_token, mlp.w12/w3 -> fc1/fc2 for vitg14); the grid
+    # already fits, so it leaves the positions alone.
+    return checkpoint_filter_fn(state, net)
+
+
+class DINOv2(Frozen):
+    """DINOv2 tokens at 224x224: (N, 257, dim), the CLS token then the 16x16 patch tokens, taken after the
+    last block and the final norm, as the torch.hub model's get_intermediate_layers(x, 1,
+    return_class_token=True) gives them. Input: (N, 3, 224, 224) as the released code fed it (the [-1, 1]
+    image or the [0, 1] skeleton, no ImageNet normalisation).
+    """
+
+    def __init__(self, arch, weights, depth=None):
+        super().__init__()
+        check_dinov2_weights(arch, weights)
+        overrides = {} if depth is None else {"depth": depth}
+        self.net = timm.create_model(DINOV2_ARCHS[arch], img_size=DINOV2_SIZE, num_classes=0, **overrides)
+        if weights != "random":
+            self.net.load_state_dict(load_dinov2_state_dict(weights, self.net))
+        self.dim = self.net.embed_dim
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, x):
+        expected = (3, DINOV2_SIZE, DINOV2_SIZE)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"DINOv2 expects input of shape (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(x.shape)}")
+        with _autocast(x):
+            return self.net.forward_features(x).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# First stage: the SD VAE, or the identity for diffusion on pixels
+# ---------------------------------------------------------------------------------------------------------
+
+class FirstStage(Frozen):
+    """Interface of a first stage. encode: image in [-1, 1] -> scaled latent; decode: the inverse.
+
+    moments(x) gives the posterior (mean, logvar) for a feature cache; sample_from_moments turns them into
+    the same scaled latent encode() gives (the same random numbers for the same generator).
+    """
+
+    scale = 1.0
+
+    @torch.no_grad()
+    def sample_from_moments(self, mean, logvar, generator=None):
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + torch.exp(0.5 * logvar) * noise) * self.scale
+
+    def encode(self, x, generator=None):
+        return self.sample_from_moments(*self.moments(x), generator=generator)
+
+
+class IdentityFirstStage(FirstStage):
+    """Diffusion directly on pixels. The posterior has zero variance (logvar = -inf), so sampling is exact."""
+
+    latent_channels = 3
+    downsample = 1
+
+    def __init__(self):
+        super().__init__()
+        self.freeze()
+
+    def moments(self, x):
+        return x, torch.full_like(x, float("-inf"))
+
+    def decode(self, z):
+        return z
+
+
+def check_vae_dir(path):
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"VAE not found: {path} (a diffusers AutoencoderKL directory with config.json). Get "
+            f"stabilityai/sd-vae-ft-mse from the Hugging Face Hub, or the decoder-fine-tuned VAE of the "
+            f"X-MDPT release (github.com/trungpx/xmdpt), and save it there."
+        )
+
+
+def load_autoencoder(path):
+    """The diffusers AutoencoderKL saved in a local directory (no download)."""
+    check_vae_dir(path)
+    return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+
+
+class VAEFirstStage(FirstStage):
+    """The SD VAE (diffusers AutoencoderKL); latents are a posterior sample times 0.18215.
+
+    decode() returns the raw decoder output: nominally [-1, 1], it can overshoot slightly; it is not clamped
+    here (as in the released code), so clamp when turning it into pixels.
+    """
+
+    scale = LATENT_SCALE
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.latent_channels = vae.config.latent_channels
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.freeze()
+
+    @classmethod
+    def from_pretrained(cls, path):
+        return cls(load_autoencoder(path))
+
+    @classmethod
+    def from_config(cls, config):
+        """A randomly initialised AutoencoderKL (under the current torch seed), for tests."""
+        return cls(AutoencoderKL(**config))
+
+    @torch.no_grad()
+    def moments(self, x):
+        with _autocast(x):
+            posterior = self.vae.encode(x).latent_dist
+        return posterior.mean.float(), posterior.logvar.float()
+
+    @torch.no_grad()
+    def decode(self, z):
+        with _autocast(z):
+            return self.vae.decode(z / self.scale).sample.float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The builder used by training and inference
+# ---------------------------------------------------------------------------------------------------------
+
+class Encoders(nn.Module):
+    """pose(x224) -> (N, 257, pose_dim), image(x224) -> (N, 257, image_dim), first_stage."""
+
+    def __init__(self, pose, image, first_stage):
+        super().__init__()
+        self.pose, self.image, self.first_stage = pose, image, first_stage
+
+    @property
+    def pose_dim(self):
+        return self.pose.dim
+
+    @property
+    def image_dim(self):
+        return self.image.dim
+
+
+def _build_first_stage(cfg):
+    if cfg["type"] == "identity":
+        return IdentityFirstStage()
+    if cfg["type"] != "vae":
+        raise ValueError(f"unknown first stage type {cfg['type']!r}; expected 'vae' or 'identity'")
+    if cfg.get("path") is not None:
+        return VAEFirstStage.from_pretrained(cfg["path"])
+    if cfg.get("random") is not None:
+        return VAEFirstStage.from_config(cfg["random"])
+    raise ValueError("first_stage: give the VAE 'path' (or a 'random' config, for tests only)")
+
+
+def build_encoders(cfg, device="cpu"):
+    """The frozen encoders from a config such as
+    {"pose": {"arch": "vitb14", "weights": "weights/dinov2_vitb14_pretrain.pth"},
+     "image": {"arch": "vitg14", "weights": "weights/dinov2_vitg14_pretrain.pth"},
+     "first_stage": {"type": "vae", "path": "weights/sd-vae-ft-mse"}}
+    Every file is checked before anything is built. A DINOv2 entry may set "depth" (tests); "weights":
+    "random" and a first stage {"type": "vae", "path": None, "random": {AutoencoderKL config}} give random
+    weights, for tests and the demo only. Random weights are drawn under the config's "seed" (default 0),
+    so training and inference build the same encoders, and the caller's RNG is left untouched.
+    """
+    for name in ("pose", "image"):
+        check_dinov2_weights(cfg[name]["arch"], cfg[name].get("weights"))
+    if cfg["first_stage"]["type"] == "vae" and cfg["first_stage"].get("path") is not None:
+        check_vae_dir(cfg["first_stage"]["path"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.get("seed", 0))
+        pose, image = (DINOv2(cfg[n]["arch"], cfg[n]["weights"], cfg[n].get("depth")) for n in ("pose", "image"))
+        first_stage = _build_first_stage(cfg["first_stage"])
+    return Encoders(pose, image, first_stage).to(device)
