@@ -1,0 +1,401 @@
+"""FID, SSIM, PSNR and LPIPS of generated DeepFashion images, with the PIDM/GFLA protocol.
+
+    python eval/fid_ssim_lpips.py --generated out/ --target test_256/ --real-train datasets/deepfashion \
+        --stats-cache ~/.cache/xmdpt --json metrics.json
+
+The metric definitions are in eval/metrics.py; this file finds the images, runs the passes and reports.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+import cv2
+import lmdb
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+if not __package__:  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.deepfashion import flat_name, image_key
+from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, InceptionFeatures, build_inception, build_lpips,
+                          center_crop, feature_statistics, fid_input, frechet_distance, lpips_distance,
+                          lpips_input, network_fingerprint, psnr, ssim)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+STATS_VERSION = "pidm-fid-v1"  # bump when the FID pipeline changes, so old caches are not reused
+
+
+# ----------------------------------------------------------------------------- images and names
+
+def decode_rgb(data, name):
+    """Encoded image bytes -> uint8 RGB array (H, W, 3)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode image {name}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_rgb(path):
+    """An image file as uint8 RGB (H, W, 3)."""
+    return decode_rgb(Path(path).read_bytes(), path)
+
+
+def list_images(folder):
+    """The image files directly inside `folder`, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def legacy_target(name):
+    """`{source}_2_{target}_vis.png` -> `target`; None for any other name."""
+    stem = Path(name).stem
+    if not stem.endswith("_vis") or stem[:-4].count("_2_") != 1:
+        return None
+    return stem[:-4].split("_2_")[1]
+
+
+def legacy_ground_truth(name, target_dir):
+    """The ground-truth file of a legacy name: `{target}.png` (or .jpg/.jpeg) in `target_dir`."""
+    target = legacy_target(name)
+    if target is None:
+        raise ValueError(f"{name} is not a legacy name `{{source}}_2_{{target}}_vis.png`")
+    candidates = [Path(target_dir) / f"{target}{ext}" for ext in IMAGE_EXTENSIONS]
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
+def pair_files(generated_dir, target_dir, naming="auto"):
+    """(ground truth, generated) path pairs, one per image of `generated_dir`.
+
+    naming: "same" (identical file names in both folders), "legacy" (the ground truth is the target part of
+    `{source}_2_{target}_vis.png`) or "auto" (same names when they all exist, else legacy when all names are
+    legacy ones). A missing ground-truth file is an error naming it.
+    """
+    generated, target_dir = list_images(generated_dir), Path(target_dir)
+    if not generated:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {generated_dir}")
+    if naming == "auto":
+        all_same = all((target_dir / p.name).is_file() for p in generated)
+        all_legacy = all(legacy_target(p.name) is not None for p in generated)
+        naming = "legacy" if all_legacy and not all_same else "same"
+    pairs = []
+    for path in generated:
+        gt = target_dir / path.name if naming == "same" else legacy_ground_truth(path.name, target_dir)
+        if not gt.is_file():
+            raise FileNotFoundError(f"missing ground-truth image {gt} (for {path.name})")
+        pairs.append((gt, path))
+    return pairs
+
+
+class ImageFiles(Dataset):
+    """Image files, each turned into a network input by `transform(rgb)`."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(read_rgb(self.paths[i]))
+
+    def fingerprint(self):
+        """Names, sizes and modification times of the files."""
+        digest = hashlib.sha1()
+        for path in self.paths:
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+def open_lmdb(db_dir):
+    return lmdb.open(str(db_dir), readonly=True, lock=False, readahead=False, meminit=False)
+
+
+class LmdbImages(Dataset):
+    """PNG images stored in a DeepFashion LMDB under the given (existing) keys."""
+
+    def __init__(self, db_dir, keys, transform):
+        self.db_dir, self.keys, self.transform = Path(db_dir), list(keys), transform
+        self.env = None  # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if self.env is None:
+            self.env = open_lmdb(self.db_dir)
+        with self.env.begin() as txn:
+            return self.transform(decode_rgb(txn.get(self.keys[i].encode()), self.keys[i]))
+
+    def fingerprint(self):
+        """The keys, the length of each value, and data.mdb's size and modification time."""
+        stat = (self.db_dir / "data.mdb").stat()
+        digest = hashlib.sha1(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        with open_lmdb(self.db_dir) as env, env.begin(buffers=True) as txn:
+            for key in self.keys:
+                digest.update(f"{key}\0{len(txn.get(key.encode()))}\n".encode())
+        return digest.hexdigest()
+
+
+def lmdb_keys(db_dir, image_list):
+    """The LMDB keys of the images of `image_list` (train.lst), whose lines are image paths or flat names.
+
+    The LMDB stores each image under its path with a .png extension (data.deepfashion.image_key); a flat name
+    (data.deepfashion.flat_name) is matched to the stored path it comes from. Missing images are an error.
+    """
+    with open_lmdb(db_dir) as env, env.begin() as txn:
+        stored = [key.decode() for key in txn.cursor().iternext(keys=True, values=False)]
+    index = {key: key for key in stored}
+    index.update({image_key(flat_name(key)): key for key in stored if key.startswith("img/")})
+    wanted = [image_key(line.strip()) for line in image_list.read_text().splitlines() if line.strip()]
+    missing = [name for name in wanted if name not in index]
+    if missing:
+        raise KeyError(f"{len(missing)} of the {len(wanted)} images of {image_list} are not in the LMDB {db_dir} "
+                       f"(first: {', '.join(missing[:3])}); pass a folder of the training images instead")
+    return [index[name] for name in wanted]
+
+
+def prepare_fid(rgb, size, crop):
+    return fid_input(center_crop(rgb, size) if crop else rgb, size)
+
+
+def open_real_images(path, size, transform):
+    """The FID real set: a folder of images, an LMDB folder `{root}/{size}-{size}` with `{root}/train.lst`,
+    or `{root}` itself (the LMDB of `--size` is used)."""
+    path = Path(path)
+    if (path / "data.mdb").is_file():
+        db_dir, image_list = path, path.parent / "train.lst"
+    elif (path / "train.lst").is_file():
+        db_dir, image_list = path / f"{size}-{size}", path / "train.lst"
+    else:
+        images = list_images(path)
+        if not images:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
+        return ImageFiles(images, transform)
+    for needed in (db_dir / "data.mdb", image_list):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} not found (needed for the LMDB real set)")
+    return LmdbImages(db_dir, lmdb_keys(db_dir, image_list), transform)
+
+
+# ----------------------------------------------------------------------------- passes
+
+def used_count(n, batch_size, keep_last):
+    """Images used by a batched pass: the legacy scripts drop the incomplete last batch (all of a set smaller
+    than one batch is used)."""
+    return n if keep_last or n < batch_size else n - n % batch_size
+
+
+def extract_features(dataset, extractor, count, args, desc):
+    """(count, D) float64 features of the first `count` images of `dataset`."""
+    subset = Subset(dataset, range(count)) if count < len(dataset) else dataset
+    loader = DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers)
+    features = [extractor(batch.to(args.device)).double().cpu().numpy() for batch in tqdm(loader, desc=desc)]
+    return np.concatenate(features)
+
+
+def real_statistics(dataset, extractor, args):
+    """(mu, sigma, count) of the real set, cached under --stats-cache keyed by the set, network and settings."""
+    count = used_count(len(dataset), args.batch_size, args.keep_last_batch)
+    if not args.stats_cache:
+        return *feature_statistics(extract_features(dataset, extractor, count, args, "FID real")), count
+    key = hashlib.sha1(json.dumps({
+        "version": STATS_VERSION, "images": dataset.fingerprint(), "network": network_fingerprint(extractor),
+        "size": args.size, "crop": args.crop, "count": count}, sort_keys=True).encode()).hexdigest()
+    cache = Path(args.stats_cache) / f"fid_real_{key[:16]}.npz"
+    cached = load_statistics(cache, key)
+    if cached is not None:
+        print(f"FID real statistics: loaded from {cache}")
+        return *cached, count
+    mu, sigma = feature_statistics(extract_features(dataset, extractor, count, args, "FID real"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache, "wb") as f:
+        np.savez(f, key=key, mu=mu, sigma=sigma)
+    print(f"FID real statistics: saved to {cache}")
+    return mu, sigma, count
+
+
+def load_statistics(cache, key):
+    """(mu, sigma) from a cache file when it exists, was written for `key`, and holds sane arrays."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as data:
+            stored_key, mu, sigma = str(data["key"]), data["mu"], data["sigma"]
+    except (OSError, ValueError, KeyError) as error:
+        print(f"FID real statistics: ignoring unreadable cache {cache} ({error})")
+        return None
+    dim = mu.shape[0] if mu.ndim == 1 else -1
+    if stored_key != key or sigma.shape != (dim, dim) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        print(f"FID real statistics: ignoring cache {cache} (key or contents do not match)")
+        return None
+    return mu, sigma
+
+
+class PairedImages(Dataset):
+    """SSIM and PSNR of each pair, computed in the loader workers, plus the two LPIPS inputs."""
+
+    def __init__(self, pairs, size, crop):
+        self.pairs, self.size, self.crop = pairs, size, crop
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        gt, gen = (read_rgb(path) for path in self.pairs[i])
+        if self.crop:
+            gt, gen = center_crop(gt, self.size), center_crop(gen, self.size)
+        if gt.shape != gen.shape:
+            raise ValueError(f"{self.pairs[i][1]} is {gen.shape[:2]} but its ground truth is {gt.shape[:2]}")
+        return ssim(gt, gen), psnr(gt, gen), lpips_input(gt, self.size), lpips_input(gen, self.size)
+
+
+def paired_metrics(pairs, lpips_model, args):
+    """Mean SSIM and PSNR over all pairs; mean LPIPS over the pairs of the complete batches."""
+    lpips_count = used_count(len(pairs), args.batch_size, args.keep_last_batch)
+    loader = DataLoader(PairedImages(pairs, args.size, args.crop), batch_size=args.batch_size,
+                        num_workers=args.workers)
+    ssims, psnrs, distances = [], [], []
+    for ssim_batch, psnr_batch, gt, gen in tqdm(loader, desc="SSIM/PSNR/LPIPS"):
+        if lpips_model is not None and len(ssims) + len(gt) <= lpips_count:
+            distances.append(lpips_distance(lpips_model, gt.to(args.device), gen.to(args.device)).cpu())
+        ssims += ssim_batch.tolist()
+        psnrs += psnr_batch.tolist()
+    result = {"ssim": float(np.mean(ssims)), "psnr": float(np.mean(psnrs))}
+    if lpips_model is not None:
+        result.update(lpips=torch.cat(distances).mean().item(), lpips_pairs=lpips_count)
+    return result
+
+
+# ----------------------------------------------------------------------------- command line
+
+def find_weights(flag, filename, option):
+    """(path, None) from `option` or $TORCH_HOME/hub/checkpoints, else (None, why not)."""
+    if flag:
+        if not Path(flag).is_file():
+            raise FileNotFoundError(f"{option} {flag}: no such file")
+        return Path(flag), None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if path.is_file():
+        return path, None
+    return None, f"needs {filename} (pass {option} FILE or put it in {path.parent})"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="FID, SSIM, PSNR and LPIPS of generated DeepFashion images. By default this is the "
+                    "PIDM/GFLA protocol behind the published pose-guided synthesis numbers (PIDM, X-MDPT, ...): "
+                    "FID of the generated test images against all training images with torchvision's ImageNet "
+                    "Inception-v3 pool features (images resized with cv2 to 176x256, or 352x512, then bilinearly "
+                    "to 299); paired skimage SSIM (Gaussian, sigma 1.2) and PSNR at full size; paired LPIPS "
+                    "(alex, v0.1) at 176x256; FID and LPIPS in batches of 64 whose incomplete last batch is "
+                    "dropped. Without the Inception or AlexNet weights, SSIM and PSNR are still reported and "
+                    "the missing metric is named with the file it needs; no weights are ever downloaded.")
+    parser.add_argument("--generated", type=Path, required=True, metavar="DIR",
+                        help="folder of generated images (.png/.jpg), one per test pair")
+    parser.add_argument("--target", type=Path, required=True, metavar="DIR",
+                        help="folder of ground-truth images: either the same file names as --generated, or the "
+                             "target parts of legacy names `{source}_2_{target}_vis.png` (as `{target}.png`)")
+    parser.add_argument("--naming", choices=("auto", "same", "legacy"), default="auto",
+                        help="how generated names map to ground truth (default auto: identical names when all "
+                             "exist in --target, else the legacy rule)")
+    parser.add_argument("--real-train", type=Path, metavar="PATH",
+                        help="FID real set: a folder of images, or a DeepFashion LMDB folder `{root}/256-256` "
+                             "(or `{root}` itself) read for the images of `{root}/train.lst` (image paths or flat "
+                             "names; stored under the image path with a .png extension, PNG bytes); "
+                             "without it FID is not computed. The published 'Ground Truth' FID is this script with "
+                             "--generated set to the --target folder")
+    parser.add_argument("--inception-weights", metavar="FILE",
+                        help=f"torchvision Inception-v3 IMAGENET1K_V1 state dict ({INCEPTION_FILE}); default: "
+                             "$TORCH_HOME/hub/checkpoints. Never downloaded")
+    parser.add_argument("--lpips-weights", metavar="FILE",
+                        help=f"torchvision AlexNet IMAGENET1K_V1 state dict ({ALEXNET_FILE}), the LPIPS trunk "
+                             "(the linear heads come with the lpips package); default: $TORCH_HOME/hub/checkpoints")
+    parser.add_argument("--size", type=int, choices=(256, 512), default=256,
+                        help="benchmark resolution: FID/LPIPS inputs are resized to 176x256 or 352x512 (W x H)")
+    parser.add_argument("--crop", action="store_true",
+                        help="CFLD variant: centre-crop every image to 256x176 (512x352) before all metrics "
+                             "instead of squeezing the 256x256 frame (not comparable with PIDM's table)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N",
+                        help="batch size of the FID and LPIPS passes; it decides which images the legacy drop "
+                             "leaves out, so keep 64 for comparable numbers (default 64)")
+    parser.add_argument("--keep-last-batch", action="store_true",
+                        help="use every image for FID and LPIPS (default: drop the incomplete last batch as the "
+                             "legacy script does, of the generated and the real set alike, e.g. 8512 of 8570 "
+                             "test images; the counts used are printed)")
+    parser.add_argument("--stats-cache", type=Path, metavar="DIR",
+                        help="cache the real-set FID statistics in DIR, keyed by a hash of the set (file names, "
+                             "sizes and mtimes; or the LMDB's keys, value sizes and data.mdb), the network weights "
+                             "and the settings; a cache file is checked against that key before use")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the results as JSON: ssim, psnr (Infinity for identical images), fid and "
+                             "lpips when computed, the image counts, and why a metric was not computed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device for Inception and LPIPS (default: cuda when available)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                        help="DataLoader worker processes for reading images and computing SSIM (default: up to 8)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None, inception=None, lpips_model=None):
+    """Run the evaluation. `inception` (a network mapping (N, 3, 299, 299) to (N, D)) and `lpips_model` replace
+    the weight files, so that tests can inject randomly initialised networks."""
+    args = parse_args(argv)
+    protocol = "CFLD centre crop" if args.crop else "PIDM/GFLA"
+    pairs = pair_files(args.generated, args.target, args.naming)
+    print(f"{len(pairs)} pairs, {protocol} protocol at {args.size}, batches of {args.batch_size} "
+          f"({'all images kept' if args.keep_last_batch else 'incomplete last batch dropped'} for FID and LPIPS)")
+    results, skipped = {"protocol": protocol, "size": args.size, "pairs": len(pairs)}, {}
+
+    if lpips_model is None:
+        trunk, skipped["lpips"] = find_weights(args.lpips_weights, ALEXNET_FILE, "--lpips-weights")
+        lpips_model = build_lpips(trunk) if trunk else None
+    if lpips_model is not None:
+        lpips_model = lpips_model.to(args.device)
+    results.update(paired_metrics(pairs, lpips_model, args))
+
+    if args.real_train is None:
+        skipped["fid"] = "needs --real-train (the training images)"
+    elif inception is None:
+        weights, skipped["fid"] = find_weights(args.inception_weights, INCEPTION_FILE, "--inception-weights")
+        inception = build_inception(weights) if weights else None
+    if inception is not None:
+        extractor = InceptionFeatures(inception).to(args.device)
+        transform = partial(prepare_fid, size=args.size, crop=args.crop)
+        mu_real, sigma_real, n_real = real_statistics(open_real_images(args.real_train, args.size, transform),
+                                                      extractor, args)
+        generated = ImageFiles([gen for _, gen in pairs], transform)
+        n_gen = used_count(len(generated), args.batch_size, args.keep_last_batch)
+        mu, sigma = feature_statistics(extract_features(generated, extractor, n_gen, args, "FID generated"))
+        results.update(fid=frechet_distance(mu, sigma, mu_real, sigma_real), fid_generated=n_gen, fid_real=n_real)
+
+    results["not_computed"] = {name: why for name, why in skipped.items() if why}
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def print_table(results):
+    pairs = results["pairs"]
+    used = {"fid": f"{results.get('fid_generated')} generated vs {results.get('fid_real')} real",
+            "ssim": f"{pairs} pairs", "psnr": f"{pairs} pairs",
+            "lpips": f"{results.get('lpips_pairs')} of {pairs} pairs"}
+    print(f"\n{'metric':<8}{'value':>10}   images")
+    for key, images in used.items():
+        if key in results:
+            print(f"{key.upper():<8}{results[key]:>10.4f}   {images}")
+        else:
+            print(f"{key.upper():<8}{'-':>10}   not computed: {results['not_computed'][key]}")
+
+
+if __name__ == "__main__":
+    main()

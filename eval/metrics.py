@@ -1,0 +1,156 @@
+"""The DeepFashion metrics (FID, SSIM, PSNR, LPIPS) as the PIDM/GFLA protocol defines them.
+
+Pure functions and the two frozen networks; file handling and the command line live in
+`eval/fid_ssim_lpips.py`. Every choice here (sizes, interpolation, SSIM arguments, value ranges) follows the
+legacy metrics script, so that the numbers are comparable with the published tables.
+"""
+import hashlib
+import warnings
+
+import cv2
+import lpips
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from scipy import linalg
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision IMAGENET1K_V1
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision IMAGENET1K_V1, the LPIPS trunk
+
+# torchvision's `transform_input` of the ImageNet Inception, kept by the legacy FID script:
+# x * std / 0.5 + (mean - 0.5) / 0.5 per channel, applied to [0, 1] inputs.
+INCEPTION_SCALE = (0.458, 0.448, 0.450)
+INCEPTION_SHIFT = (-0.030, -0.088, -0.188)
+
+
+def eval_width(size):
+    """Width of the benchmark's person images: 176 for 256, 352 for 512."""
+    return size * 11 // 16
+
+
+def center_crop(rgb, size):
+    """The CFLD variant: keep the central `eval_width(size)` columns (no-op if already narrower)."""
+    width = eval_width(size)
+    left = max(0, (rgb.shape[1] - width) // 2)
+    return rgb[:, left:left + width]
+
+
+def _resized(rgb, size):
+    """float32 0..255 HWC image resized by cv2 (INTER_LINEAR) to eval_width(size) x size."""
+    return cv2.resize(rgb.astype(np.float32), (eval_width(size), size), interpolation=cv2.INTER_LINEAR)
+
+
+def fid_input(rgb, size=256):
+    """uint8 RGB (H, W, 3) -> float32 tensor (3, size, eval_width(size)) in [0, 1]."""
+    return torch.from_numpy(_resized(rgb, size) / 255).permute(2, 0, 1)
+
+
+def lpips_input(rgb, size=256):
+    """uint8 RGB (H, W, 3) -> float32 tensor (3, size, eval_width(size)) in [-1, 1]."""
+    return torch.from_numpy(_resized(rgb, size) / 127.5 - 1).permute(2, 0, 1)
+
+
+def ssim(gt, gen):
+    """SSIM of two same-size uint8 RGB images, with the legacy arguments, on 0..255 float64."""
+    if gt.shape != gen.shape:
+        raise ValueError(f"SSIM needs images of the same size, got {gt.shape} and {gen.shape}")
+    gt, gen = gt.astype(np.float64), gen.astype(np.float64)
+    return float(structural_similarity(gt, gen, gaussian_weights=True, sigma=1.2, use_sample_covariance=False,
+                                       channel_axis=-1, data_range=gen.max() - gen.min()))
+
+
+def psnr(gt, gen):
+    """PSNR of two uint8 RGB images on [0, 1] floats (data_range 1); inf for identical images."""
+    with np.errstate(divide="ignore"):
+        return float(peak_signal_noise_ratio(gt / 255.0, gen / 255.0, data_range=1))
+
+
+def feature_statistics(features):
+    """Mean and (unbiased) covariance of an (N, D) feature array, in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        raise ValueError(f"FID statistics need at least 2 images, got {len(features)}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)), with the legacy safeguards."""
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        print(f"FID: singular covariance product, adding {eps} to the diagonals")
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: sqrtm has an imaginary component of {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def build_inception(weights_path=None, random_weights=False):
+    """torchvision Inception-v3 returning the 2048-d pool features after Mixed_7c.
+
+    Loads `weights_path` (the IMAGENET1K_V1 file) strictly; `random_weights=True` instead keeps the random
+    initialisation, for tests only.
+    """
+    if (weights_path is None) == (not random_weights):
+        raise ValueError("give either weights_path or random_weights=True")
+    net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    if weights_path is not None:
+        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    net.fc = nn.Identity()  # eval mode: avgpool -> dropout (off) -> flatten -> fc
+    return net.eval()
+
+
+class InceptionFeatures(nn.Module):
+    """The legacy FID network input: [0, 1] images -> bilinear 299x299 -> affine -> `net` -> (N, D)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net.eval()
+        self.register_buffer("scale", torch.tensor(INCEPTION_SCALE).view(1, 3, 1, 1))
+        self.register_buffer("shift", torch.tensor(INCEPTION_SHIFT).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x * self.scale + self.shift).flatten(1)
+
+
+def build_lpips(trunk_path=None, random_trunk=False):
+    """LPIPS v0.1 with the AlexNet trunk loaded from `trunk_path` (the IMAGENET1K_V1 file), never downloaded.
+
+    The linear heads ship inside the lpips package. `random_trunk=True` keeps a random trunk, for tests only.
+    """
+    if (trunk_path is None) == (not random_trunk):
+        raise ValueError("give either trunk_path or random_trunk=True")
+    with warnings.catch_warnings():  # lpips builds its trunk with torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    if trunk_path is not None:
+        state = torch.load(trunk_path, map_location="cpu", weights_only=True)
+        features = torchvision.models.alexnet(weights=None).features  # the trunk; the classifier is unused
+        features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        for block in model.net.children():  # slice1..slice5 keep torchvision's layer indices as names
+            for index, layer in block.named_children():
+                layer.load_state_dict(features[int(index)].state_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+def lpips_distance(model, gt, gen):
+    """Per-pair LPIPS (N,) of two [-1, 1] image batches (N, 3, H, W)."""
+    return model(gt, gen).flatten()
+
+
+def network_fingerprint(net):
+    """sha1 of a network's state dict, so that cached statistics are tied to the weights that made them."""
+    digest = hashlib.sha1()
+    for name, tensor in net.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
