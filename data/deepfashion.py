@@ -1,0 +1,334 @@
+"""DeepFashion In-shop pairs on disk, as prepared for PIDM (and used by the released X-MDPT code).
+
+Layout under `root`:
+    train_pairs.txt, test_pairs.txt   lines "target,source1[,source2...]" of image paths (img/.../x.jpg)
+    train.lst, test.lst               the images of each split as flat names (`flat_name` + ".jpg")
+    pose/<path without img/>.txt      18 lines "x y" (data.pose convention); img/A/B.jpg -> pose/A/B.txt
+    {S}-{S}/                          LMDB: key `image_key(path)` (path with .png, utf-8), value PNG bytes
+
+PIDM's preparation resizes each `img_highres` picture (750x1101, the 176x256 aspect) straight to SxS with
+PIL bicubic: a horizontal stretch, no padding or cropping. The keypoints, annotated on the 256x256
+low-resolution pictures (176 wide plus 40 pixel white borders), map onto it with `to_image_coords`.
+"""
+
+import io
+import os
+import shutil
+from contextlib import ExitStack
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from data.pose import FLIP_JOINTS, MISSING, dino_input, draw_skeleton, load_keypoints, to_image_coords
+
+LMDB_MAP_SIZE = 1 << 40  # address space reserved by a writer; the file only grows as needed
+
+_READERS = {}  # (device, inode) of an LMDB's data.mdb -> its read-only environment in this process
+
+
+def flat_name(path):
+    """The flat file name of an image path, without extension (the evaluation protocol's naming).
+
+    img/WOMEN/Blouses_Shirts/id_00000637/03_1_front.jpg -> fashionWOMENBlouses_Shirtsid0000063703_1front
+    """
+    parts = path.removeprefix("img/").split("/")
+    if len(parts) != 4:
+        raise ValueError(f"expected an image path img/<group>/<category>/<id>/<file>, got {path!r}")
+    group, category, identity, file = parts
+    head, _, tail = os.path.splitext(file)[0].partition("_")
+    return f"fashion{group}{category}{identity.replace('_', '')}{head}_{tail.replace('_', '')}"
+
+
+def pair_name(source, target):
+    """The output name of a generated image, without extension: `{source}_2_{target}_vis`."""
+    return f"{flat_name(source)}_2_{flat_name(target)}_vis"
+
+
+def image_key(path):
+    """The LMDB key of an image path: the path with its extension replaced by .png."""
+    return os.path.splitext(path)[0] + ".png"
+
+
+def pose_file(root, path):
+    """The keypoint file of an image path, as in the released code: img/A/B.jpg -> {root}/pose/A/B.txt."""
+    return Path(root) / "pose" / Path(path.removeprefix("img/")).with_suffix(".txt")
+
+
+def read_pairs(path):
+    """The (target, [sources]) pairs of a pair file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pair file not found: {path}")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        names = [name.strip() for name in line.split(",")]
+        if len(names) < 2 or not all(names):
+            raise ValueError(f"{path}:{n}: expected 'target,source1[,source2...]', got {line!r}")
+        pairs.append((names[0], names[1:]))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
+
+
+def open_lmdb(path):
+    """The read-only, lock-free environment of the LMDB folder `path`, opened once per process.
+
+    The lmdb package refuses to open a file twice in one process, so every reader shares this one;
+    a forked DataLoader worker reuses the environment its parent had opened (safe without locks).
+    """
+    data = Path(path) / "data.mdb"
+    if not data.is_file():
+        raise FileNotFoundError(f"LMDB not found: {path} (expected {data})")
+    key = (data.stat().st_dev, data.stat().st_ino)
+    if key not in _READERS:
+        _READERS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+    return _READERS[key]
+
+
+def to_tensor(image):
+    """A PIL RGB image as a float (3, H, W) tensor in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    return (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+
+
+class PairDataset(Dataset):
+    """Source/target pairs with the target's skeleton and the DINOv2 inputs.
+
+    Test mode (`augment=False`) is deterministic: the first listed source, no augmentation. Training
+    mode picks a source at random, swaps source and target with p = 0.5, flips both images with p = 0.5,
+    and scales each image by up to `scale_jitter` (bicubic) and crops it back at a random offset, the
+    target's keypoints following its image. Each image gets its own scale and crop, as in the released
+    code. All randomness comes from torch's RNG, so DataLoader seeding makes it reproducible.
+
+    Flipping: the released code mirrors the rendered skeleton, which puts the left-limb colours on the
+    right limbs. With `swap_lr=True` (default) left and right joints are swapped before drawing, so the
+    mirrored skeleton keeps its colours anatomically right; `swap_lr=False` reproduces the released code.
+
+    The LMDB is opened lazily, on the first read in each process (`open_lmdb`), so the dataset pickles
+    and works with DataLoader workers.
+    """
+
+    def __init__(self, root, size=256, split="train", augment=None, scale_jitter=0.05, swap_lr=True):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if not 0 <= scale_jitter < 1:
+            raise ValueError(f"scale_jitter must be in [0, 1), got {scale_jitter!r}")
+        self.root = Path(root)
+        self.size = size
+        self.split = split
+        self.augment = split == "train" if augment is None else augment
+        self.scale_jitter = scale_jitter
+        self.swap_lr = swap_lr
+        self.pairs = read_pairs(self.root / f"{split}_pairs.txt")
+        self.lmdb_path = self.root / f"{size}-{size}"
+        if not (self.lmdb_path / "data.mdb").is_file():
+            raise FileNotFoundError(f"LMDB not found: {self.lmdb_path} (expected {self.lmdb_path}/data.mdb; "
+                                    f"make it with scripts/prepare_deepfashion.py --sizes {size})")
+        self._env = None
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_env": None}
+
+    def _read(self, key):
+        if self._env is None:
+            self._env = open_lmdb(self.lmdb_path)
+        with self._env.begin() as txn:
+            value = txn.get(key.encode("utf-8"))
+        if value is None:
+            raise KeyError(f"key {key!r} not found in LMDB {self.lmdb_path}")
+        return value
+
+    def read_image(self, path):
+        """The image of `path` from the LMDB as a PIL RGB image, checked to be size x size."""
+        key = image_key(path)
+        try:
+            image = Image.open(io.BytesIO(self._read(key)))
+            image.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"LMDB {self.lmdb_path}: value of key {key!r} is not a readable image ({e})") from None
+        if image.size != (self.size, self.size):
+            raise ValueError(f"LMDB {self.lmdb_path}: image {key!r} is {image.size[0]}x{image.size[1]}, "
+                             f"expected {self.size}x{self.size}")
+        return image.convert("RGB")
+
+    def load_image(self, path):
+        """The image of `path` as a float (3, S, S) tensor in [-1, 1], not augmented."""
+        return to_tensor(self.read_image(path))
+
+    def load_keypoints(self, path):
+        """The keypoints of `path` from its pose file, in the DeepFashion convention."""
+        return load_keypoints(pose_file(self.root, path))
+
+    def load_pose(self, path):
+        """The skeleton of `path` as a float (3, S, S) tensor in [0, 1], not augmented."""
+        return self.skeleton(path)
+
+    def skeleton(self, path, flip=False, frame=None):
+        """The skeleton of `path`, drawn in the crop `frame` of `_view` (default: none) and mirrored if
+        `flip` (left and right joints swapped first if `swap_lr`)."""
+        scaled, x, y = frame or (self.size, 0, 0)
+        keypoints = to_image_coords(self.load_keypoints(path), (scaled, scaled))
+        present = (keypoints != MISSING).all(axis=1)
+        keypoints[present] -= (x, y)
+        if flip and self.swap_lr:
+            keypoints = keypoints[FLIP_JOINTS]
+        skeleton = draw_skeleton(keypoints, (self.size, self.size))
+        return skeleton.flip(-1) if flip else skeleton
+
+    def pair_name(self, index):
+        """The output name of pair `index` with its first source, the test-time pair."""
+        target, sources = self.pairs[index]
+        return pair_name(sources[0], target)
+
+    def choose(self, index):
+        """(target, source, flip) of pair `index`: when augmenting a random source, swapped with the
+        target with p = 0.5, and a flip with p = 0.5; otherwise the first source, unflipped."""
+        target, sources = self.pairs[index]
+        if not self.augment:
+            return target, sources[0], False
+        source = sources[torch.randint(len(sources), ()).item()]
+        if torch.rand(()) < 0.5:
+            source, target = target, source
+        return target, source, bool(torch.rand(()) < 0.5)
+
+    def _view(self, path):
+        """The image of `path` (scaled and cropped at random when augmenting) and where it was cropped:
+        (scaled size, x offset, y offset)."""
+        image = self.read_image(path)
+        scaled, x, y = self.size, 0, 0
+        if self.augment and self.scale_jitter > 0:
+            scaled = int(self.size * (1 + self.scale_jitter * torch.rand(()).item()))
+            x, y = torch.randint(0, scaled - self.size + 1, (2,)).tolist()
+            image = image.resize((scaled, scaled), Image.BICUBIC).crop((x, y, x + self.size, y + self.size))
+        return to_tensor(image), (scaled, x, y)
+
+    def __getitem__(self, index):
+        target, source, flip = self.choose(index)
+        target_image, target_frame = self._view(target)
+        source_image, _ = self._view(source)
+        target_skeleton = self.skeleton(target, flip, target_frame)
+        if flip:
+            target_image, source_image = target_image.flip(-1), source_image.flip(-1)
+        return {
+            "target": target_image,
+            "source": source_image,
+            "target_skeleton": target_skeleton,
+            "target_pose_dino": dino_input(target_skeleton),
+            "source_dino": dino_input(source_image),
+            "name": pair_name(source, target),
+            "target_path": target,
+            "source_path": source,
+            "flip": flip,
+        }
+
+
+class LMDBWriter:
+    """Writes an LMDB at `{path}.partial` and renames it to `path` on `close()`, so that a half-written
+    LMDB never looks complete. Leaving a `with` block by an exception removes the partial one."""
+
+    def __init__(self, path, overwrite=False, commit_every=1000):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists (pass overwrite=True / --overwrite to replace it)")
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(str(self.partial), map_size=LMDB_MAP_SIZE, readahead=False, meminit=False)
+        self.txn = self.env.begin(write=True)
+        self.commit_every = commit_every
+        self.pending = 0
+
+    def put(self, key, value):
+        self.txn.put(key.encode("utf-8"), value)
+        self.pending += 1
+        if self.pending == self.commit_every:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+            self.pending = 0
+
+    def close(self):
+        self.txn.commit()
+        self.env.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.replace(self.partial, self.path)
+
+    def abort(self):
+        self.txn.abort()
+        self.env.close()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def pair_images(root):
+    """Every image path named by `{root}/train_pairs.txt` and `test_pairs.txt`, sorted."""
+    names = set()
+    for split in ("train", "test"):
+        for target, sources in read_pairs(Path(root) / f"{split}_pairs.txt"):
+            names.update([target, *sources])
+    return sorted(names)
+
+
+def resized_pngs(path, root, sizes):
+    """The image `{root}/{path}` resized to each size x size (PIL bicubic, as PIDM), as PNG bytes."""
+    try:
+        with Image.open(Path(root) / path) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {Path(root) / path}: {e}") from None
+    pngs = []
+    for size in sizes:
+        buffer = io.BytesIO()
+        image.resize((size, size), Image.BICUBIC).save(buffer, format="png")
+        pngs.append(buffer.getvalue())
+    return path, pngs
+
+
+def prepare_lmdbs(root, sizes=(256,), out=None, workers=1, overwrite=False, progress=True):
+    """Write `{out}/{S}-{S}/` LMDBs (out defaults to root) of every image of the pair files.
+
+    Every image must exist under `root` before anything is written; the error lists the missing ones.
+    """
+    root = Path(root)
+    out = Path(out) if out is not None else root
+    sizes = sorted(set(sizes))
+    if not sizes or any(size <= 0 for size in sizes):
+        raise ValueError(f"sizes must be positive ints, got {sizes}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    paths = pair_images(root)
+    missing = [path for path in paths if not (root / path).is_file()]
+    if missing:
+        shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of the pair files are missing "
+                                f"under {root}:\n  {shown}")
+    resize = partial(resized_pngs, root=root, sizes=sizes)
+    with ExitStack() as stack:
+        writers = [stack.enter_context(LMDBWriter(out / f"{size}-{size}", overwrite)) for size in sizes]
+        pool = stack.enter_context(Pool(workers)) if workers > 1 else None
+        results = pool.imap_unordered(resize, paths, chunksize=16) if pool else map(resize, paths)
+        for path, pngs in tqdm(results, total=len(paths), desc="images", disable=not progress):
+            for writer, png in zip(writers, pngs):
+                writer.put(image_key(path), png)
+    return [writer.path for writer in writers]
+
