@@ -130,6 +130,14 @@ def strict_load(model, state_dict, source="checkpoint"):
     return model
 
 
+def read_checkpoint(src, use_ema=True):
+    """(state dict in our keys, arch, whether the arch was saved in the file) of a path or loaded dict;
+    an arch not saved (released files) is read off the tensors' shapes."""
+    ckpt = _read(src) if isinstance(src, (str, os.PathLike)) else src
+    state_dict, saved_arch = extract_state_dict(ckpt, use_ema)
+    return state_dict, saved_arch or infer_arch(state_dict), saved_arch is not None
+
+
 def load_checkpoint(src, model=None, arch=None, use_ema=True):
     """Load weights into `model` (or a new XMDPT built from `arch`, the checkpoint's own arch, or the
     shapes of its tensors) strictly; returns the model in eval mode.
@@ -138,21 +146,20 @@ def load_checkpoint(src, model=None, arch=None, use_ema=True):
     already loaded dict. use_ema picks the EMA weights of our training checkpoints.
     """
     name = str(src) if isinstance(src, (str, os.PathLike)) else "checkpoint"
-    ckpt = _read(src) if isinstance(src, (str, os.PathLike)) else src
-    state_dict, saved_arch = extract_state_dict(ckpt, use_ema)
-    if model is None:
-        if arch is None:
-            arch = saved_arch or infer_arch(state_dict)
-        model = XMDPT(**arch)
+    state_dict, own_arch, _ = read_checkpoint(src, use_ema)
+    model = model if model is not None else XMDPT(**(arch or own_arch))
     strict_load(model, state_dict, name)
     return model.eval()
 
 
-def save_safetensors(model, path):
-    """Export weights (float32) with the architecture in the file's metadata; written atomically."""
+def save_safetensors(model, path, inference_only=False, dtype=torch.float32):
+    """Export weights with the architecture in the file's metadata, written atomically. inference_only
+    drops MIPNet (training only), recording mipnet='none' in the architecture."""
     from safetensors.torch import save_file
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"arch": json.dumps(model.arch)})
+    arch = dict(model.arch, mipnet="none") if inference_only else model.arch
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+               if not (inference_only and k.startswith("mipnet."))}
+    save_file(tensors, str(tmp), metadata={"arch": json.dumps(arch)})
     os.replace(tmp, path)

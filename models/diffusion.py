@@ -101,7 +101,7 @@ class Diffusion:
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
         """Per-sample `mse` (epsilon), `vb` (VLB with the mean frozen, trains the variance) and `loss`."""
         if noise is None:
-            noise = torch.randn_like(x0)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **(model_kwargs or {}))
         channels = x0.shape[1]
@@ -127,4 +127,18 @@ class Diffusion:
             eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x)
             alpha_bar_prev = torch.full_like(x[:, :1, :1, :1], float(self.alphas_cumprod[kept[i - 1]]) if i > 0 else 1.0)
             x = x0 * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev).sqrt() * eps
+        return x
+
+    @torch.no_grad()
+    def dpm_solver_sample(self, model_fn, z, steps=20, progress=False):
+        """DPM-Solver++ (2nd order, multistep) through diffusers' scheduler on this schedule."""
+        from diffusers import DPMSolverMultistepScheduler
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=self.num_timesteps, trained_betas=self.betas,
+                                                prediction_type="epsilon", algorithm_type="dpmsolver++",
+                                                solver_order=2)
+        scheduler.set_timesteps(steps, device=z.device)
+        x = z
+        for t in tqdm(scheduler.timesteps, disable=not progress, desc="DPM-Solver++"):
+            eps = model_fn(x, t.expand(z.shape[0]).to(z.device))[:, :z.shape[1]].to(x.dtype)
+            x = scheduler.step(eps, t, x).prev_sample
         return x

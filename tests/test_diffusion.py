@@ -43,6 +43,18 @@ def test_ddim_recovers_x0_for_an_oracle_model():
         assert torch.allclose(out, x0, atol=2e-4), steps
 
 
+def test_dpm_solver_recovers_x0_for_an_oracle_model():
+    d = Diffusion()
+    x0 = torch.randn(2, 3, 4, 4)
+
+    def oracle(x, t):
+        ab = torch.from_numpy(d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    z = d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
+    assert torch.allclose(d.dpm_solver_sample(oracle, z, steps=20), x0, atol=1e-4)
+
+
 def test_vb_term_is_kl_and_decoder_nll_at_zero():
     d = Diffusion()
     x0 = torch.rand(2, 1, 2, 2) * 2 - 1

@@ -1,0 +1,197 @@
+"""Training: the demo config learns, resumes exactly, uses the feature cache, runs on 2 processes."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train_xmdpt
+from configs import load_config
+from data.synthetic import make_synthetic
+from scripts.cache_features import cache_features
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic64")
+    make_synthetic(root, num_identities=16, poses_per_identity=4, size=64, seed=0)
+    return root
+
+
+def demo_config(root, cache=None, **train):
+    cfg = load_config(ROOT / "configs/demo.yaml",
+                      [f"data.root={root}", f"data.cache={cache or 'null'}", "train.sample_every=0"])
+    cfg["train"].update(train)
+    return cfg
+
+
+def tiny_config(root, cache=None, **train):
+    """A much smaller model than the demo's, for the tests of mechanics."""
+    cfg = demo_config(root, cache, **train)
+    cfg["model"].update(hidden_size=32, depth=3, num_heads=2, patch_size=8)
+    cfg["train"]["global_batch"] = 4
+    return cfg
+
+
+def read_log(out):
+    with open(Path(out) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def demo_cache(synth):
+    cache = synth / "features-64"
+    cache_features(demo_config(synth), cache, dtype=torch.float32, progress=False)
+    return cache
+
+
+@pytest.mark.slow
+def test_demo_learns_and_resumes_exactly(synth, demo_cache, tmp_path):
+    cfg = demo_config(synth, demo_cache, max_steps=150, log_every=1, ckpt_every=50)
+    train_xmdpt.train(cfg, tmp_path / "full")
+    full = [float(r["loss"]) for r in read_log(tmp_path / "full")]
+    assert len(full) == 150
+    first, last = np.mean(full[:15]), np.mean(full[-15:])
+    assert last < 0.7 * first, (first, last)
+
+    stopped = dict(cfg, train=dict(cfg["train"], max_steps=100))
+    train_xmdpt.train(stopped, tmp_path / "resumed")
+    train_xmdpt.train(cfg, tmp_path / "resumed", resume=True)
+    resumed = [float(r["loss"]) for r in read_log(tmp_path / "resumed")]
+    assert [int(r["step"]) for r in read_log(tmp_path / "resumed")] == list(range(1, 151))
+    np.testing.assert_allclose(resumed[100:], full[100:], rtol=1e-4)
+
+
+def test_cached_step_equals_online_step(synth, demo_cache):
+    online = train_xmdpt.build_data(tiny_config(synth), "train", None)
+    cached = train_xmdpt.build_data(tiny_config(synth, demo_cache), "train", None)
+    cfg = tiny_config(synth)
+    encoders = train_xmdpt.build_encoders(cfg["encoders"])
+    objective = train_xmdpt.Objective(
+        train_xmdpt.XMDPT(**train_xmdpt.model_arch(cfg, encoders.pose_dim, encoders.image_dim)),
+        train_xmdpt.Diffusion())
+    for index in range(3):
+        with torch.random.fork_rng():
+            torch.manual_seed(index)
+            a = online[index]
+        with torch.random.fork_rng():
+            torch.manual_seed(index)
+            b = cached[index]
+        assert (a["target_path"], a["source_path"], a["flip"]) == (b["target_path"], b["source_path"], b["flip"])
+        batch_a = {k: v.unsqueeze(0) if torch.is_tensor(v) else v for k, v in a.items()}
+        batch_b = {k: v.unsqueeze(0) if torch.is_tensor(v) else v for k, v in b.items()}
+        torch.manual_seed(1)
+        online_inputs = train_xmdpt.step_inputs(batch_a, encoders, "cpu")
+        torch.manual_seed(1)
+        cached_inputs = train_xmdpt.step_inputs(batch_b, encoders, "cpu")
+        for x, y in zip(online_inputs, cached_inputs):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+        torch.manual_seed(2)
+        online_loss = objective(*online_inputs)["total"]
+        torch.manual_seed(2)
+        cached_loss = objective(*cached_inputs)["total"]
+        torch.testing.assert_close(online_loss, cached_loss, rtol=1e-5, atol=0)
+
+
+def test_logs_checkpoints_and_samples(synth, tmp_path):
+    cfg = tiny_config(synth, max_steps=4, log_every=2, ckpt_every=2)
+    cfg["train"]["sample_every"] = 4
+    cfg["sample"].update(steps=2, num_pairs=2)
+    train_xmdpt.train(cfg, tmp_path)
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == ["2", "4"]
+    assert set(train_xmdpt.LOG_COLUMNS) <= set(rows[0])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
+    assert (tmp_path / "samples" / "0000004.png").is_file()
+    assert list((tmp_path / "tensorboard").iterdir())
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)
+    assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "opt", "config", "arch", "rng"}
+    from models import load_checkpoint
+    assert load_checkpoint(tmp_path / "checkpoints" / "0000004.pt").arch == ckpt["arch"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_xmdpt.train(cfg, tmp_path)
+
+
+def test_resume_refuses_another_config(synth, tmp_path):
+    cfg = tiny_config(synth, max_steps=1, ckpt_every=1, log_every=1)
+    train_xmdpt.train(cfg, tmp_path)
+    other = tiny_config(synth, max_steps=2, ckpt_every=1, log_every=1)
+    other["model"]["mask_ratio"] = 0.5
+    with pytest.raises(ValueError, match="model.mask_ratio"):
+        train_xmdpt.train(other, tmp_path, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    cfg = tiny_config(synth, max_steps=5, ckpt_every=1, log_every=1)
+    real = train_xmdpt.Objective.forward
+    calls = []
+
+    def poisoned(self, *args):
+        calls.append(1)
+        terms = real(self, *args)
+        if len(calls) == 3:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_xmdpt.Objective, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="step 3.*0000002.pt"):
+        train_xmdpt.train(cfg, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt"]
+
+
+def test_ctrl_c_writes_a_checkpoint(synth, tmp_path, monkeypatch):
+    cfg = tiny_config(synth, max_steps=10, ckpt_every=100, log_every=100)
+    real = train_xmdpt.Objective.forward
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(train_xmdpt.Objective, "forward", interrupted)
+    with pytest.raises(SystemExit):
+        train_xmdpt.train(cfg, tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2
+
+
+def test_clear_errors_before_training(synth, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_pairs.txt"):
+        train_xmdpt.train(tiny_config(tmp_path / "missing"), tmp_path / "a")
+    cfg = tiny_config(synth)
+    cfg["encoders"]["pose"]["weights"] = str(tmp_path / "dinov2_vitb14_pretrain.pth")
+    with pytest.raises(FileNotFoundError, match="dinov2_vitb14_pretrain.pth"):
+        train_xmdpt.train(cfg, tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="feature cache"):
+        train_xmdpt.train(tiny_config(synth, tmp_path / "nocache"), tmp_path / "c")
+    bad = yaml.safe_load(open(ROOT / "configs/demo.yaml"))
+    del bad["train"]["lr"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match="missing keys in section 'train': lr"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="unknown key 'lrr'"):
+        load_config(ROOT / "configs/demo.yaml", ["train.lrr=1"])
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo(synth, tmp_path):
+    cfg = tiny_config(synth, max_steps=3, ckpt_every=3, log_every=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_xmdpt.py"), "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_log(tmp_path / "run")
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2
