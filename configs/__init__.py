@@ -83,11 +83,13 @@ def check_config(cfg, source="config"):
 
 
 def model_arch(cfg, pose_dim, image_dim):
-    """XMDPT kwargs: the named size from XMDPT_CONFIGS, the config's overrides, the encoders' widths."""
-    from models import XMDPT_CONFIGS
+    """All XMDPT kwargs: its defaults, the named size from XMDPT_CONFIGS, the encoders' widths, the config's
+    overrides."""
+    from models import XMDPT, XMDPT_CONFIGS
     name = cfg["model"]["arch"]
     if name not in XMDPT_CONFIGS:
         raise ValueError(f"model.arch {name!r} is not one of {sorted(XMDPT_CONFIGS)}")
-    arch = dict(XMDPT_CONFIGS[name], pose_dim=pose_dim, image_dim=image_dim)
+    defaults = {k: p.default for k, p in inspect.signature(XMDPT.__init__).parameters.items() if k != "self"}
+    arch = dict(defaults, **XMDPT_CONFIGS[name], pose_dim=pose_dim, image_dim=image_dim)
     arch.update({k: v for k, v in cfg["model"].items() if k != "arch"})
     return arch

@@ -106,7 +106,7 @@ class XMDPT(nn.Module):
         _expect("x", x, (None, self.in_channels, size, size))
         n = x.shape[0]
         _expect("t", t, (n,))
-        if t.numel() and (t.min() < 0 or t.max() > NUM_TIMESTEPS - 1):
+        if t.numel() and not t.is_meta and (t.min() < 0 or t.max() > NUM_TIMESTEPS - 1):
             raise ValueError(f"t must lie in [0, {NUM_TIMESTEPS - 1}], got values in "
                              f"[{t.min().item()}, {t.max().item()}]")
         self._check_condition(pose, image, source, n)

@@ -1,0 +1,319 @@
+"""Benchmarks: the work counted with torch's FLOP counter (on the meta device, so any size is free to count),
+the time measured with random weights of the real sizes, printed as tables.
+
+  python scripts/benchmark.py sampling [--model XMDPT-S/2] [--batch 4] [--device cpu]
+  python scripts/benchmark.py train    [--models XMDPT-S/2 XMDPT-B/2] [--batch 4] [--device cuda]
+  python scripts/benchmark.py infer    [--models XMDPT-S/2] [--batches 1 8] [--device cuda]
+
+sampling: one guided DDIM step against the released implementation's schedule of work, re-enacted with the
+  same modules and weights: two separate forwards per step, each recomputing the condition and pushing the
+  source tokens through every block. It shares our attention kernel and cached bias, so it understates the
+  released step's time.
+train: steps/s and peak memory of a training step (unmasked + masked forward, backward, AdamW, EMA) with
+  the feature cache (no encoder runs) and without it (DINOv2-B on the target skeleton, DINOv2-G on the
+  source, the SD VAE on both images); the FLOP table also counts what the released loop ran and never used.
+infer: images/s and peak memory of the encoders, the 50-step guided sampling and the VAE decoding, each
+  and together, at each batch size.
+Each measured row runs in a fresh process, so peak memory (CUDA allocator, or the process's peak RSS on
+the CPU) belongs to that row alone.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import XMDPT, XMDPT_CONFIGS, Diffusion  # noqa: E402
+from models.encoders import DINOv2, VAEFirstStage  # noqa: E402
+from models.xmdpt import guidance_scale  # noqa: E402
+
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=256)
+
+
+def released_schedule_step(model, x, t, pose, image, source, cfg_scale, scale_pow):
+    """The released forward_with_cfg's work: an unconditional and a conditional forward, separately."""
+    td = model.tdnet
+    outs = []
+    for drop in (True, False):
+        src = td.embed(source)
+        y = model.condition(pose, image, src)
+        c = td.t_embedder(t) + (y * 0 if drop else y)
+        h = td.embed(x)
+        for i, block in enumerate(td.blocks):
+            if i == td.split:
+                h = h + td.decoder_pos_embed
+            h = block(h, c)
+            src = block(src, c)
+        outs.append(td.unpatchify(td.final_layer(h, c)))
+    uncond, cond = outs
+    return uncond + guidance_scale(t, cfg_scale, scale_pow).view(-1, 1, 1, 1) * (cond - uncond)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Median seconds of `repeats` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def gflops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def random_inputs(model, n, device):
+    a = model.arch
+    s = a["input_size"]
+    return (torch.randn(n, a["in_channels"], s, s, device=device), torch.full((n,), 500, device=device),
+            dict(pose=torch.randn(n, a["dino_tokens"], a["pose_dim"], device=device),
+                 image=torch.randn(n, a["dino_tokens"], a["image_dim"], device=device),
+                 source=torch.randn(n, a["in_channels"], s, s, device=device)))
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def encoders(device):
+    """DINOv2-B/14, DINOv2-G/14 and the SD VAE with random weights: the real networks' work."""
+    return (DINOv2("vitb14", "random").to(device), DINOv2("vitg14", "random").to(device),
+            VAEFirstStage.from_config(SD_VAE).to(device))
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+@torch.no_grad()
+def bench_sampling(args):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = XMDPT(**XMDPT_CONFIGS[args.model]).to(device).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    x, t, cond = random_inputs(model, args.batch, device)
+    guided = model.guided(**cond, cfg_scale=2.0, scale_pow=0.01)
+    ours = lambda: guided(x, t)
+    released = lambda: released_schedule_step(model, x, t, **cond, cfg_scale=2.0, scale_pow=0.01)
+    a, b = ours(), released()
+    err = ((a - b).norm() / b.norm()).item()
+    rows = []
+    for name, fn in (("ours (one batched forward)", ours), ("released schedule", released)):
+        work = gflops(fn) / args.batch
+        sec = timed(fn, device, args.repeats)
+        rows.append((name, work, sec, work * args.batch / sec))
+    print(f"{args.model}, batch {args.batch}, {device}, {torch.get_num_threads()} threads; "
+          f"one guided DDIM step; outputs agree to {err:.1e} (relative)")
+    print(f"{'step':30s} {'GFLOP/sample':>13s} {'s/step':>9s} {'GFLOP/s':>9s}")
+    for name, work, sec, rate in rows:
+        print(f"{name:30s} {work:13.2f} {sec:9.3f} {rate:9.1f}")
+    print(f"speed-up: {rows[1][2] / rows[0][2]:.2f}x")
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def count_training(name, batch):
+    """GFLOP of one training step by component, counted on the meta device."""
+    from train_xmdpt import Objective
+    with torch.device("meta"):
+        model = XMDPT(**XMDPT_CONFIGS[name])
+        x, _, cond = random_inputs(model, batch, torch.device("meta"))
+        objective = Objective(model, Diffusion())
+        pose_net, image_net, vae = DINOv2("vitb14", "random"), DINOv2("vitg14", "random"), VAEFirstStage.from_config(SD_VAE)
+        pixels = torch.randn(batch, 3, 256, 256)
+        dino = torch.randn(batch, 3, 224, 224)
+        source_path = lambda: [b(model.tdnet.embed(cond["source"]), torch.randn(batch, model.arch["hidden_size"]))
+                               for b in model.tdnet.blocks]
+        pose_work = gflops(lambda: pose_net.net.forward_features(dino))
+        image_work = gflops(lambda: image_net.net.forward_features(dino))
+        return {"model fwd+bwd (plain + masked)": gflops(lambda: objective(x, **cond)["total"].backward()),
+                "VAE encode (target + source)": 2 * gflops(lambda: vae.vae.encode(pixels)),
+                "DINOv2-B/14 (target skeleton)": pose_work,
+                "DINOv2-G/14 (source image)": image_work,
+                "released only: DINOv2-G/14 on the target, DINOv2-B/14 on the source skeleton, unused "
+                "source path": image_work + pose_work + gflops(lambda: torch.no_grad()(source_path)())}
+
+
+def measure_training(name, batch, device, cached, repeats):
+    from train_xmdpt import Objective
+    device = torch.device(device)
+    model = XMDPT(**XMDPT_CONFIGS[name]).to(device)
+    objective = Objective(model, Diffusion())
+    ema = XMDPT(**model.arch).to(device).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, _, cond = random_inputs(model, batch, device)
+    nets = None if cached else encoders(device)
+    pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    dino = torch.rand(batch, 3, 224, 224, device=device)
+
+    def step():
+        inputs = dict(cond)
+        x0 = x
+        if nets is not None:
+            with torch.no_grad():
+                x0 = nets[2].encode(pixels)
+                inputs = dict(source=nets[2].encode(pixels), pose=nets[0](dino), image=nets[1](dino))
+        opt.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = objective(x0, **inputs)["total"]
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1e-4)
+
+    sec = timed(step, device, repeats)
+    return {"steps_per_s": 1 / sec, "peak_gib": peak_memory_gib(device)}
+
+
+def bench_train(args):
+    for name in args.models:
+        work = count_training(name, args.count_batch)
+        print(f"\n{name}: work of one training step at batch {args.count_batch} (GFLOP)")
+        for part, value in work.items():
+            print(f"  {part:60s} {value:12.0f}")
+        step = sum(v for k, v in work.items() if not k.startswith("released"))
+        print(f"  {'ours without cache / with cache / released loop':60s} {step:12.0f} / "
+              f"{work['model fwd+bwd (plain + masked)']:.0f} / {step + work[next(reversed(work))]:.0f}")
+    print(f"\nmeasured on {args.device}, batch {args.batch}")
+    print(f"{'model':12s} {'cache':6s} {'steps/s':>9s} {'samples/s':>10s} {'peak GiB':>9s}")
+    for name in args.models:
+        for cached in (True, False) if not args.cached_only else (True,):
+            r = run_row("train", dict(name=name, batch=args.batch, device=args.device, cached=cached,
+                                      repeats=args.repeats))
+            print(f"{name:12s} {'yes' if cached else 'no':6s} {r['steps_per_s']:9.3f} "
+                  f"{r['steps_per_s'] * args.batch:10.2f} {r['peak_gib']:9.2f}")
+
+
+# ----------------------------------------------------------------------------------------------- inference
+
+def measure_inference(name, batch, device, steps, repeats):
+    device = torch.device(device)
+    pose_net, image_net, vae = encoders(device)
+    model = XMDPT(**dict(XMDPT_CONFIGS[name], mipnet="none")).to(device).eval()
+    pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+    dino = torch.rand(batch, 3, 224, 224, device=device)
+    z = torch.randn(batch, 4, 32, 32, device=device)
+    diffusion = Diffusion()
+
+    @torch.no_grad()
+    def encode():
+        with autocast(device):
+            return pose_net(dino), image_net(dino), vae.encode(pixels)
+
+    pose, image, source = encode()
+
+    @torch.no_grad()
+    def sample():
+        with autocast(device):
+            return diffusion.ddim_sample(model.guided(pose, image, source), z, steps=steps)
+
+    @torch.no_grad()
+    def decode():
+        return vae.decode(z)
+
+    times = {k: timed(fn, device, repeats) for k, fn in (("encoders", encode), ("sampling", sample),
+                                                         ("decoding", decode))}
+    return {**{k: batch / v for k, v in times.items()}, "total": batch / sum(times.values()),
+            "peak_gib": peak_memory_gib(device)}
+
+
+def bench_infer(args):
+    with torch.device("meta"):
+        pose_net, image_net, vae = DINOv2("vitb14", "random"), DINOv2("vitg14", "random"), VAEFirstStage.from_config(SD_VAE)
+        dino = torch.randn(1, 3, 224, 224)
+        enc = gflops(lambda: (pose_net.net.forward_features(dino), image_net.net.forward_features(dino),
+                              vae.vae.encode(torch.randn(1, 3, 256, 256))))
+        dec = gflops(lambda: vae.vae.decode(torch.randn(1, 4, 32, 32)))
+    print(f"work per image (GFLOP): encoders {enc:.0f}, VAE decoding {dec:.0f}, sampling ({args.steps} guided steps):")
+    for name in args.models:
+        with torch.device("meta"):
+            model = XMDPT(**dict(XMDPT_CONFIGS[name], mipnet="none"))
+            x, t, cond = random_inputs(model, 1, torch.device("meta"))
+            print(f"  {name}: {args.steps * gflops(lambda: model.guided(**cond)(x, t)):.0f}")
+    print(f"\nmeasured on {args.device}, {args.steps} DDIM steps; images/s of each stage and of the whole")
+    print(f"{'model':12s} {'batch':>5s} {'encoders':>9s} {'sampling':>9s} {'decoding':>9s} {'total':>9s} {'peak GiB':>9s}")
+    for name in args.models:
+        for batch in args.batches:
+            r = run_row("infer", dict(name=name, batch=batch, device=args.device, steps=args.steps,
+                                      repeats=args.repeats))
+            print(f"{name:12s} {batch:5d} {r['encoders']:9.3f} {r['sampling']:9.3f} {r['decoding']:9.3f} "
+                  f"{r['total']:9.3f} {r['peak_gib']:9.2f}")
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+MEASURES = {"train": measure_training, "infer": measure_inference}
+
+
+def run_row(kind, kwargs):
+    """One measurement in a fresh process (clean peak memory); returns its result dict."""
+    out = subprocess.run([sys.executable, __file__, "_row", kind, json.dumps(kwargs)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    p = sub.add_parser("sampling", help="one guided DDIM step: ours against the released schedule of work")
+    p.add_argument("--model", default="XMDPT-S/2", choices=sorted(XMDPT_CONFIGS), help="model size")
+    p.add_argument("--batch", type=int, default=4, help="samples per step (each runs both guidance halves)")
+    p.add_argument("--device", default=default_device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up; the median is shown")
+    p.set_defaults(fn=bench_sampling)
+
+    p = sub.add_parser("train", help="training steps/s and peak memory, with and without the feature cache")
+    p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
+                   choices=sorted(XMDPT_CONFIGS), help="model sizes")
+    p.add_argument("--batch", type=int, default=32, help="samples per measured step")
+    p.add_argument("--count-batch", type=int, default=32, help="batch of the FLOP count (the paper's is 32)")
+    p.add_argument("--cached-only", action="store_true", help="measure only the steps with the feature cache")
+    p.add_argument("--device", default=default_device, help="torch device")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is shown")
+    p.set_defaults(fn=bench_train)
+
+    p = sub.add_parser("infer", help="end-to-end inference images/s and peak memory by stage")
+    p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
+                   choices=sorted(XMDPT_CONFIGS), help="model sizes")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes to measure")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--device", default=default_device, help="torch device")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; the median is shown")
+    p.set_defaults(fn=bench_infer)
+
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_row":
+        result = MEASURES[sys.argv[2]](**json.loads(sys.argv[3]))
+        print(json.dumps(result))
+        return
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
