@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from configs import load_config, model_arch
 from data.deepfashion import PairDataset
-from data.pose import dino_input, draw_skeleton, load_keypoints, to_image_coords
+from data.pose import MISSING, dino_input, draw_skeleton, load_keypoints, to_image_coords
 from models import Diffusion, XMDPT
 from models.checkpoint import read_checkpoint, strict_load
 from models.encoders import build_encoders
 
 ROOT = Path(__file__).resolve().parent
+MIN_JOINTS = 4  # a target pose with fewer visible joints says too little to be drawn
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_CKPT = ROOT / "assets" / "xmdpt_demo.safetensors"
 # What a checkpoint and a config must agree on to be used together.
@@ -126,10 +127,14 @@ def photo_inputs(args, size):
     from data.photo import fit_photo, keypoints_from_photo, read_photo
     source, _ = fit_photo(read_photo(args.source), size)
     if args.target_pose_from:
-        keypoints = keypoints_from_photo(args.target_pose_from, size)
+        keypoints = keypoints_from_photo(args.target_pose_from, size, min_joints=MIN_JOINTS)
         pose_name = Path(args.target_pose_from).stem
     else:
         keypoints = load_keypoints(args.target_pose)
+        visible = int((keypoints != MISSING).all(axis=1).sum())
+        if visible < MIN_JOINTS:
+            raise ValueError(f"{args.target_pose}: only {visible} of 18 joints are visible; a target pose needs "
+                             f"at least {MIN_JOINTS}")
         pose_name = Path(args.target_pose).stem
     skeleton = draw_skeleton(to_image_coords(keypoints, (size, size)), (size, size))
     return source, skeleton, f"{Path(args.source).stem}_2_{pose_name}"

@@ -101,6 +101,15 @@ def test_unreadable_photo_is_named(setup, tmp_path):
         run(setup, tmp_path / "out", "--source", str(tmp_path / "broken.jpg"), "--target-pose", str(pose))
 
 
+def test_target_pose_with_too_few_joints_is_named(setup, tmp_path):
+    from skimage.data import astronaut
+    Image.fromarray(astronaut()).save(tmp_path / "astronaut.png")
+    (tmp_path / "sparse.txt").write_text("100 50\n" + "-1 -1\n" * 17)
+    with pytest.raises(ValueError, match="sparse.txt: only 1 of 18 joints"):
+        run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"), "--target-pose",
+            str(tmp_path / "sparse.txt"))
+
+
 def test_pose_from_another_photo(setup, tmp_path):
     pytest.importorskip("mediapipe", reason="MediaPipe Pose is the optional extra requirements-photo.txt")
     from skimage.data import astronaut
