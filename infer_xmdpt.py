@@ -72,6 +72,7 @@ class Generator:
         self.model = load_model(cfg, ckpt, self.encoders, config_name).to(self.device)
         self.diffusion = Diffusion()
         self.steps, self.cfg_scale, self.scale_pow, self.sampler = steps, cfg_scale, scale_pow, sampler
+        self.clip_denoised = cfg["sample"]["clip_denoised"]
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @torch.no_grad()
@@ -87,8 +88,10 @@ class Generator:
         with self.autocast:
             fn = self.model.guided(enc.pose(dino_input(skeletons)), enc.image(dino_input(sources)), source_latent,
                                    self.cfg_scale, self.scale_pow)
-            sample = self.diffusion.dpm_solver_sample if self.sampler == "dpm++" else self.diffusion.ddim_sample
-            latents = sample(fn, z, steps=self.steps)
+            if self.sampler == "dpm++":
+                latents = self.diffusion.dpm_solver_sample(fn, z, steps=self.steps)
+            else:
+                latents = self.diffusion.ddim_sample(fn, z, steps=self.steps, clip_denoised=self.clip_denoised)
         return enc.first_stage.decode(latents.float()).clamp(-1, 1)
 
 

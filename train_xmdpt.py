@@ -159,7 +159,8 @@ def sample_grid(ema, diffusion, encoders, fixed, cfg):
     from torchvision.utils import make_grid
     s = cfg["sample"]
     fn = ema.guided(fixed["pose"], fixed["image"], fixed["source_latent"], s["cfg_scale"], s["scale_pow"])
-    generated = encoders.first_stage.decode(diffusion.ddim_sample(fn, fixed["z"], steps=s["steps"]))
+    generated = encoders.first_stage.decode(diffusion.ddim_sample(fn, fixed["z"], steps=s["steps"],
+                                                                  clip_denoised=s["clip_denoised"]))
     columns = [fixed["source"], fixed["target"], fixed["skeleton"] * 2 - 1, generated.cpu()]
     images = torch.stack(columns, dim=1).flatten(0, 1)
     return make_grid(((images + 1) / 2).clamp(0, 1), nrow=len(columns))

@@ -18,7 +18,7 @@ SCHEMA = {
     "data": {"root", "size", "scale_jitter", "cache", "workers"},
     "train": {"global_batch", "lr", "weight_decay", "ema", "grad_accum", "grad_clip", "max_steps",
               "ckpt_every", "log_every", "sample_every", "seed", "mixed_precision"},
-    "sample": {"steps", "cfg_scale", "scale_pow", "num_pairs"},
+    "sample": {"steps", "cfg_scale", "scale_pow", "clip_denoised", "num_pairs"},
 }
 
 

@@ -114,9 +114,11 @@ class Diffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn, z, steps=50, progress=False):
+    def ddim_sample(self, model_fn, z, steps=50, progress=False, clip_denoised=False):
         """Deterministic DDIM (eta = 0) from noise z over `steps` kept timesteps; the last step lands on
-        alpha_bar = 1. model_fn(x, t) gets the original timesteps and returns eps in its first channels."""
+        alpha_bar = 1. model_fn(x, t) gets the original timesteps and returns eps in its first channels.
+        clip_denoised clamps each x0 prediction to [-1, 1] (for pixel-space models; the released latent
+        models sample without it)."""
         kept = sampling_timesteps(self.num_timesteps, steps)
         x = z
         channels = z.shape[1]
@@ -124,6 +126,8 @@ class Diffusion:
             t = torch.full((z.shape[0],), kept[i], dtype=torch.long, device=z.device)
             eps = model_fn(x, t)[:, :channels].to(x.dtype)
             x0 = self.predict_x0(x, t, eps)
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
             eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x)
             alpha_bar_prev = torch.full_like(x[:, :1, :1, :1], float(self.alphas_cumprod[kept[i - 1]]) if i > 0 else 1.0)
             x = x0 * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev).sqrt() * eps

@@ -61,8 +61,8 @@ def test_grouping_by_identity_and_choice_of_views():
 
 def test_runs_end_to_end(tmp_path, capsys):
     root = tmp_path / "data"
-    make_synthetic(root, num_identities=6, poses_per_identity=3, size=64, seed=0)
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + [f"data.root={root}"])
+    make_synthetic(root, num_identities=6, poses_per_identity=3, size=cfg["data"]["size"], seed=0)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     encoders = build_encoders(cfg["encoders"])
     torch.manual_seed(0)

@@ -41,6 +41,8 @@ def test_ddim_recovers_x0_for_an_oracle_model():
 
         out = d.ddim_sample(oracle, z, steps=steps)
         assert torch.allclose(out, x0, atol=2e-4), steps
+    clipped = d.ddim_sample(lambda x, t: torch.full_like(x, 50.0), z, steps=7, clip_denoised=True)
+    assert clipped.abs().max() <= 1 + 1e-6
 
 
 def test_dpm_solver_recovers_x0_for_an_oracle_model():

@@ -17,12 +17,13 @@ from models.encoders import build_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden_size=32", "model.depth=3", "model.num_heads=2", "data.cache=null"]
+SIZE = load_config(ROOT / "configs/demo.yaml")["data"]["size"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("infer")
-    make_synthetic(tmp / "data", num_identities=8, poses_per_identity=3, size=64, seed=1)
+    make_synthetic(tmp / "data", num_identities=8, poses_per_identity=3, size=SIZE, seed=1)
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + [f"data.root={tmp / 'data'}"])
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     encoders = build_encoders(cfg["encoders"])
@@ -43,12 +44,12 @@ def run(setup, out, *extra):
 def test_pairs_have_matching_names_and_resume(setup, tmp_path):
     tmp, cfg = setup
     run(setup, tmp_path, "--limit", "3", "--batch-size", "2")
-    pairs = PairDataset(cfg["data"]["root"], 64, "test")
+    pairs = PairDataset(cfg["data"]["root"], SIZE, "test")
     names = sorted(f"{pairs.pair_name(i)}.png" for i in range(3))
     for folder in ("generated", "target", "source", "grids"):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == names
     image = Image.open(tmp_path / "generated" / names[0])
-    assert image.size == (64, 64) and image.mode == "RGB"
+    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
     stamp = (tmp_path / "generated" / names[0]).stat().st_mtime_ns
     run(setup, tmp_path, "--limit", "3")
     assert (tmp_path / "generated" / names[0]).stat().st_mtime_ns == stamp
@@ -88,8 +89,8 @@ def test_own_photo_with_a_keypoint_file(setup, tmp_path):
     pose = next((tmp / "data" / "pose").rglob("*.txt"))
     run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"), "--target-pose", str(pose))
     out = tmp_path / "out" / "generated" / f"astronaut_2_{pose.stem}.png"
-    assert Image.open(out).size == (64, 64)
-    assert Image.open(tmp_path / "out" / "grids" / out.name).size == (3 * 64, 64)
+    assert Image.open(out).size == (SIZE, SIZE)
+    assert Image.open(tmp_path / "out" / "grids" / out.name).size == (3 * SIZE, SIZE)
     with pytest.raises(SystemExit, match="exists"):
         run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"), "--target-pose", str(pose))
 

@@ -16,12 +16,13 @@ from data.synthetic import make_synthetic
 from scripts.cache_features import cache_features
 
 ROOT = Path(__file__).resolve().parents[1]
+SIZE = load_config(ROOT / "configs/demo.yaml")["data"]["size"]
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic64")
-    make_synthetic(root, num_identities=16, poses_per_identity=4, size=64, seed=0)
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, num_identities=16, poses_per_identity=4, size=SIZE, seed=0)
     return root
 
 
@@ -47,7 +48,7 @@ def read_log(out):
 
 @pytest.fixture(scope="module")
 def demo_cache(synth):
-    cache = synth / "features-64"
+    cache = synth / "features"
     cache_features(demo_config(synth), cache, dtype=torch.float32, progress=False)
     return cache
 
