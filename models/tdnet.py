@@ -112,6 +112,8 @@ class Attention(nn.Module):
         bias = self.rel_pos_bias()
         if ids_keep is not None:
             bias = bias[:, ids_keep[:, :, None], ids_keep[:, None, :]].transpose(0, 1)
+        else:
+            bias = bias.unsqueeze(0)  # a 4-D mask lets SDPA take its fused kernel (3-D falls back to math)
         out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias.to(q.dtype))
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
