@@ -308,24 +308,22 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up; the median is shown")
     p.set_defaults(fn=bench_sampling)
 
-    p = sub.add_parser("train", help="training steps/s and peak memory, with and without the feature cache")
-    p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
-                   choices=sorted(XMDPT_CONFIGS), help="model sizes")
+    def measured(name, help, fn, repeats):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
+                       choices=sorted(XMDPT_CONFIGS), help="model sizes")
+        p.add_argument("--device", default=default_device, help="torch device")
+        p.add_argument("--repeats", type=int, default=repeats, help="timed runs after one warm-up; the median is shown")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = measured("train", "training steps/s and peak memory, with and without the feature cache", bench_train, 3)
     p.add_argument("--batch", type=int, default=32, help="samples per measured step")
     p.add_argument("--count-batch", type=int, default=32, help="batch of the FLOP count (the paper's is 32)")
     p.add_argument("--cached-only", action="store_true", help="measure only the steps with the feature cache")
-    p.add_argument("--device", default=default_device, help="torch device")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up; the median is shown")
-    p.set_defaults(fn=bench_train)
-
-    p = sub.add_parser("infer", help="end-to-end inference images/s and peak memory by stage")
-    p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
-                   choices=sorted(XMDPT_CONFIGS), help="model sizes")
+    p = measured("infer", "end-to-end inference images/s and peak memory by stage", bench_infer, 1)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes to measure")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--device", default=default_device, help="torch device")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up; the median is shown")
-    p.set_defaults(fn=bench_infer)
 
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_row":
         result = MEASURES[sys.argv[2]](**json.loads(sys.argv[3]))

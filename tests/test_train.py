@@ -129,19 +129,24 @@ def test_resume_refuses_another_config(synth, tmp_path):
         train_xmdpt.train(other, tmp_path, resume=True)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
-    cfg = tiny_config(synth, max_steps=5, ckpt_every=1, log_every=1)
+def fail_at_call(monkeypatch, n, action):
+    """Make the n-th training step's objective call `action(terms)` (or raise it, for an exception)."""
     real = train_xmdpt.Objective.forward
     calls = []
 
-    def poisoned(self, *args):
+    def patched(self, *args):
         calls.append(1)
+        if len(calls) == n and isinstance(action, type):
+            raise action
         terms = real(self, *args)
-        if len(calls) == 3:
-            terms["total"] = terms["total"] * float("nan")
-        return terms
+        return action(terms) if len(calls) == n else terms
 
-    monkeypatch.setattr(train_xmdpt.Objective, "forward", poisoned)
+    monkeypatch.setattr(train_xmdpt.Objective, "forward", patched)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    cfg = tiny_config(synth, max_steps=5, ckpt_every=1, log_every=1)
+    fail_at_call(monkeypatch, 3, lambda terms: dict(terms, total=terms["total"] * float("nan")))
     with pytest.raises(FloatingPointError, match="step 3.*0000002.pt"):
         train_xmdpt.train(cfg, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt"]
@@ -149,16 +154,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypa
 
 def test_ctrl_c_writes_a_checkpoint(synth, tmp_path, monkeypatch):
     cfg = tiny_config(synth, max_steps=10, ckpt_every=100, log_every=100)
-    real = train_xmdpt.Objective.forward
-    calls = []
-
-    def interrupted(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(train_xmdpt.Objective, "forward", interrupted)
+    fail_at_call(monkeypatch, 3, KeyboardInterrupt)
     with pytest.raises(SystemExit):
         train_xmdpt.train(cfg, tmp_path)
     assert torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2
