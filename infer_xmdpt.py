@@ -37,14 +37,14 @@ ARCH_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", 
              "learn_sigma", "pose_dim", "image_dim", "aggregation", "dino_tokens")
 
 
-def load_model(cfg, ckpt, encoders, config_name="--config"):
+def load_model(cfg, ckpt, encoders):
     """The checkpoint's weights in the architecture of the config, checked to agree."""
     state_dict, arch, saved = read_checkpoint(ckpt)
     wanted = model_arch(cfg, encoders.pose_dim, encoders.image_dim)
     diffs = [f"{k}: {arch.get(k)} in the checkpoint, {wanted.get(k)} in the config" for k in ARCH_KEYS
              if arch.get(k) != wanted.get(k)]
     if diffs:
-        raise ValueError(f"--ckpt {ckpt} does not fit {config_name}:\n  " + "\n  ".join(diffs))
+        raise ValueError(f"--ckpt {ckpt} does not fit --config:\n  " + "\n  ".join(diffs))
     if not saved:
         arch = dict(arch, decode_layer=wanted["decode_layer"])
     model = XMDPT(**arch)
@@ -65,11 +65,10 @@ def save_png(x, path):
 class Generator:
     """Encoders, model and sampler wired together: generate(source images, target skeletons, seeds)."""
 
-    def __init__(self, cfg, ckpt, device, steps=50, cfg_scale=2.0, scale_pow=0.01, sampler="ddim",
-                 config_name="--config"):
+    def __init__(self, cfg, ckpt, device, steps=50, cfg_scale=2.0, scale_pow=0.01, sampler="ddim"):
         self.device = torch.device(device)
         self.encoders = build_encoders(cfg["encoders"], self.device)
-        self.model = load_model(cfg, ckpt, self.encoders, config_name).to(self.device)
+        self.model = load_model(cfg, ckpt, self.encoders).to(self.device)
         self.diffusion = Diffusion()
         self.steps, self.cfg_scale, self.scale_pow, self.sampler = steps, cfg_scale, scale_pow, sampler
         self.clip_denoised = cfg["sample"]["clip_denoised"]
@@ -96,7 +95,8 @@ class Generator:
 
 
 def grid_row(*images):
-    return torch.cat([im if im.min() < 0 else im * 2 - 1 for im in images], dim=-1)
+    """Images in [-1, 1] side by side (skeletons, in [0, 1], are passed as 2s - 1)."""
+    return torch.cat(images, dim=-1)
 
 
 def run_pairs(gen, data_root, size, out, batch_size, seed, limit=None, overwrite=False, grids=True):
@@ -120,7 +120,7 @@ def run_pairs(gen, data_root, size, out, batch_size, seed, limit=None, overwrite
             save_png(item["target"], out / "target" / f"{name}.png")
             save_png(item["source"], out / "source" / f"{name}.png")
             if grids:
-                save_png(grid_row(item["source"], item["target"], item["target_skeleton"], image.cpu()),
+                save_png(grid_row(item["source"], item["target"], item["target_skeleton"] * 2 - 1, image.cpu()),
                          out / "grids" / f"{name}.png")
     return names
 
@@ -214,7 +214,7 @@ def main(argv=None):
             sys.exit(f"{path} exists; pass --overwrite to replace it")
         image = gen.generate(source[None], skeleton[None], [args.seed])[0].cpu()
         save_png(image, path)
-        save_png(grid_row(source, skeleton, image), out / "grids" / f"{name}.png")
+        save_png(grid_row(source, skeleton * 2 - 1, image), out / "grids" / f"{name}.png")
         print(f"wrote {path} and {out / 'grids' / f'{name}.png'}")
         return
     names = run_pairs(gen, args.data or cfg["data"]["root"], size, out, args.batch_size, args.seed, args.limit,

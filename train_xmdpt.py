@@ -59,12 +59,11 @@ class Objective(nn.Module):
 def step_inputs(batch, encoders, device):
     """(x0, pose tokens, image tokens, source latent) of a batch, from pixels or from cached features."""
     fs = encoders.first_stage
+    get = lambda k: batch[k].to(device, non_blocking=True)
     if "target_mean" in batch:
-        get = lambda k: batch[k].to(device, non_blocking=True)
         x0 = fs.sample_from_moments(get("target_mean"), get("target_logvar"))
         source = fs.sample_from_moments(get("source_mean"), get("source_logvar"))
         return x0, get("target_pose_tokens"), get("source_image_tokens"), source
-    get = lambda k: batch[k].to(device, non_blocking=True)
     x0 = fs.encode(get("target"))
     source = fs.encode(get("source"))
     return x0, encoders.pose(get("target_pose_dino")), encoders.image(get("source_dino")), source
