@@ -5,6 +5,7 @@ own sections are merged over it, key by key.
 """
 import copy
 import inspect
+import re
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,14 @@ SCHEMA = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; here it is the float a user means."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def _model_keys():
     from models import XMDPT
     return {"arch"} | set(inspect.signature(XMDPT.__init__).parameters) - {"self"}
@@ -31,7 +40,7 @@ def _parse_override(item):
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like section.key=value")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), yaml.load(value, _Loader)
 
 
 def _merge(base, over):
@@ -47,7 +56,7 @@ def read_yaml(path):
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
     with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+        cfg = yaml.load(f, _Loader) or {}
     if "base" in cfg:
         cfg = _merge(read_yaml(path.parent / cfg.pop("base")), cfg)
     return cfg

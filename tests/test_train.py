@@ -192,3 +192,11 @@ def test_two_processes_with_gloo(synth, tmp_path):
     assert all(np.isfinite(float(r["loss"])) for r in rows)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2
+
+
+def test_overrides_read_exponents_as_floats(tmp_path):
+    """`train.lr=1e-3` (YAML 1.1 would give the string '1e-3') is a float, in overrides and in files."""
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.lr=1e-3", "train.weight_decay=5E+0", "data.root=1e3x"])
+    assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["weight_decay"] == 5.0 and cfg["data"]["root"] == "1e3x"
+    (tmp_path / "c.yaml").write_text("base: " + str(ROOT / "configs/demo.yaml") + "\ntrain:\n  lr: 2e-4\n")
+    assert load_config(tmp_path / "c.yaml")["train"]["lr"] == 2e-4
