@@ -34,7 +34,7 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_CKPT = ROOT / "assets" / "xmdpt_demo.safetensors"
 # What a checkpoint and a config must agree on to be used together.
 ARCH_KEYS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
-             "learn_sigma", "pose_dim", "image_dim", "aggregation", "dino_tokens")
+             "learn_sigma", "pose_dim", "image_dim", "aggregation", "dino_tokens", "prediction")
 
 
 def load_model(cfg, ckpt, encoders):
@@ -69,7 +69,7 @@ class Generator:
         self.device = torch.device(device)
         self.encoders = build_encoders(cfg["encoders"], self.device)
         self.model = load_model(cfg, ckpt, self.encoders).to(self.device)
-        self.diffusion = Diffusion()
+        self.diffusion = Diffusion(prediction=self.model.arch["prediction"])
         self.steps, self.cfg_scale, self.scale_pow, self.sampler = steps, cfg_scale, scale_pow, sampler
         self.clip_denoised = cfg["sample"]["clip_denoised"]
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")

@@ -225,7 +225,7 @@ def train(cfg, out, resume=False):
         step = ckpt["step"]
         states = ckpt["rng"]
         set_rng_state(states[rank] if len(states) == world else states[0])
-    diffusion = Diffusion()
+    diffusion = Diffusion(prediction=model.arch["prediction"])
     objective = Objective(model, diffusion)
     wrapped = DistributedDataParallel(objective) if world > 1 else objective
 

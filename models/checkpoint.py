@@ -57,7 +57,8 @@ def _relative_position_index(grid):
 
 
 def infer_arch(state_dict):
-    """XMDPT kwargs read off the shapes of a state dict in our key layout."""
+    """XMDPT kwargs read off the shapes of a state dict in our key layout (and prediction='eps', which
+    shapes do not show: the released models predict eps)."""
     pos = state_dict["tdnet.pos_embed"]
     proj = state_dict["tdnet.x_embedder.proj.weight"]
     hidden, patch, in_ch = pos.shape[2], proj.shape[2], proj.shape[1]
@@ -77,7 +78,7 @@ def infer_arch(state_dict):
                 learn_sigma=state_dict["tdnet.final_layer.linear.weight"].shape[0] == 2 * in_ch * patch * patch,
                 pose_dim=state_dict["canet.pose.proj.0.weight"].shape[1],
                 dino_tokens=state_dict["canet.pose.pool.0.weight"].shape[1],
-                mipnet=mipnet, aggregation=aggregation)
+                mipnet=mipnet, aggregation=aggregation, prediction="eps")
     if has("canet.glob."):
         arch["image_dim"] = state_dict["canet.glob.proj.0.weight"].shape[1]
     return arch

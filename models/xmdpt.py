@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from .canet import CANet
+from .diffusion import PREDICTIONS
 from .mipnet import ATTENTIONS, MIPNet
 from .tdnet import TDNet
 
@@ -40,24 +41,28 @@ class XMDPT(nn.Module):
     for noisy latents x at timesteps t, given DINOv2 tokens of the target skeleton (`pose`), of the source
     image (`image`), and the scaled source latent (`source`). Ablation switches: `mipnet` (attention of the
     side interpolater, 'none' = plain DiT training), `aggregation` (CANet), `mask_ratio`, and the DINOv2
-    widths `pose_dim`/`image_dim`.
+    widths `pose_dim`/`image_dim`. `prediction` records what the first output channels predict, 'eps' (the
+    released models) or 'v'; the model itself does not use it, Diffusion(prediction=...) reads it.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, learn_sigma=True, mask_ratio=0.3, decode_layer=2, pose_dim=768,
-                 image_dim=1536, mipnet="self-cross", aggregation="mlp", cond_drop=0.1, dino_tokens=257):
+                 image_dim=1536, mipnet="self-cross", aggregation="mlp", cond_drop=0.1, dino_tokens=257,
+                 prediction="eps"):
         super().__init__()
         self.arch = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          learn_sigma=learn_sigma, mask_ratio=mask_ratio, decode_layer=decode_layer,
                          pose_dim=pose_dim, image_dim=image_dim, mipnet=mipnet, aggregation=aggregation,
-                         cond_drop=cond_drop, dino_tokens=dino_tokens)
+                         cond_drop=cond_drop, dino_tokens=dino_tokens, prediction=prediction)
         if input_size % patch_size:
             raise ValueError(f"input_size ({input_size}) must be a multiple of patch_size ({patch_size})")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
         if not 0 <= decode_layer < depth:
             raise ValueError(f"decode_layer must be in [0, depth={depth}), got {decode_layer}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if mipnet not in ATTENTIONS:
             raise ValueError(f"mipnet must be one of {ATTENTIONS}, got {mipnet!r}")
         self.in_channels = in_channels

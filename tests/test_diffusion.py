@@ -79,3 +79,43 @@ def test_training_losses_need_learned_sigma():
     d = Diffusion()
     with pytest.raises(ValueError, match="learned-sigma"):
         d.training_losses(lambda x, t: x, torch.randn(1, 4, 2, 2), torch.tensor([3]))
+
+
+def _v_of(d, x0, noise, t):
+    a = torch.from_numpy(d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def test_v_prediction_reads_back_eps_and_trains_on_v():
+    d = Diffusion(prediction="v")
+    x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    v = _v_of(d, x0, noise, t)
+    assert torch.allclose(d.eps_from(v, x_t, t), noise, atol=1e-4)
+    var = torch.randn_like(x0).tanh()
+    losses = d.training_losses(lambda x, tt: torch.cat([v, var], 1), x0, t, noise=noise)
+    assert losses["mse"].max() < 1e-10
+    eps_losses = Diffusion().training_losses(lambda x, tt: torch.cat([noise, var], 1), x0, t, noise=noise)
+    assert torch.allclose(losses["vb"], eps_losses["vb"], rtol=1e-3, atol=1e-5)
+    wrong = d.training_losses(lambda x, tt: torch.cat([noise, var], 1), x0, t, noise=noise)["mse"]
+    assert torch.allclose(wrong, ((noise - v) ** 2).mean(dim=(1, 2, 3)), rtol=1e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        Diffusion(prediction="x0")
+
+
+def test_v_prediction_samplers_match_eps_ones():
+    """A v model and the eps model it implies give the same DDIM and DPM-Solver++ samples."""
+    eps_d, v_d = Diffusion(), Diffusion(prediction="v")
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    eps_fn = lambda x, t: torch.sin(3 * x) + 0.1 * t.float().view(-1, 1, 1, 1) / 1000
+
+    def v_fn(x, t):
+        a = torch.from_numpy(eps_d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        eps = eps_fn(x, t)
+        return (eps - (1 - a).sqrt() * x) / a.sqrt()
+
+    z = eps_d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
+    assert torch.allclose(v_d.ddim_sample(v_fn, z, steps=10), eps_d.ddim_sample(eps_fn, z, steps=10), atol=1e-3)
+    assert torch.allclose(v_d.dpm_solver_sample(v_fn, z, steps=10), eps_d.dpm_solver_sample(eps_fn, z, steps=10),
+                          atol=1e-3)

@@ -211,6 +211,7 @@ def test_bad_inputs_name_the_argument(arg, change, message):
     (dict(mask_ratio=1.5), "mask_ratio"),
     (dict(decode_layer=3), "decode_layer"),
     (dict(input_size=9), "input_size"),
+    (dict(prediction="x0"), "prediction must be one of"),
 ])
 def test_bad_switches(kw, message):
     with pytest.raises(ValueError, match=message):
