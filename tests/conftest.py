@@ -1,9 +1,31 @@
+import importlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# OpenPose's COCO-18 joints in order, by name: the tests check the index tables of data/ against these.
+COCO18_NAMES = ["nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
+                "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
+                "right_eye", "left_eye", "right_ear", "left_ear"]
+
+
+def optional(name, importer=None):
+    """`importer()` (by default: import the module `name`) for a test that needs an optional dependency.
+
+    When it raises ImportError the test is skipped, except under CI=true: CI installs every optional
+    dependency (.ci/run), so there the test fails rather than pass silently as a skip.
+    """
+    try:
+        return importer() if importer else importlib.import_module(name)
+    except ImportError as e:
+        message = f"{name} not usable here: {e}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true: CI installs it, so it must work)", pytrace=False)
+        pytest.skip(message)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import COCO18_NAMES
 from data.pose import (BODY25_TO_COCO18, FLIP_JOINTS, LIMBS, dino_input, draw_skeleton, from_image_coords,
                        load_keypoints, to_image_coords)
 
@@ -77,9 +78,10 @@ def test_draw_skeleton_edge_cases():
 
 
 def test_flip_joints_swap_left_and_right():
-    assert sorted(FLIP_JOINTS) == list(range(18))
-    assert all(FLIP_JOINTS[FLIP_JOINTS[i]] == i for i in range(18))
-    assert FLIP_JOINTS[2] == 5 and FLIP_JOINTS[8] == 11 and FLIP_JOINTS[14] == 15 and FLIP_JOINTS[16] == 17
+    """Each joint's mirror is the joint named with left and right swapped; the nose and neck stay."""
+    swap = {"left": "right", "right": "left"}
+    mirrors = ["_".join(swap.get(word, word) for word in name.split("_")) for name in COCO18_NAMES]
+    assert FLIP_JOINTS == [COCO18_NAMES.index(mirror) for mirror in mirrors]
     assert len(LIMBS) == 17
 
 
