@@ -1,4 +1,4 @@
-"""FID, SSIM, PSNR and LPIPS of generated DeepFashion images, with the PIDM/GFLA protocol.
+"""FID, SSIM, PSNR and LPIPS of generated DeepFashion images, with the PIDM/GFLA protocol (or CFLD's).
 
     python eval/fid_ssim_lpips.py --generated out/ --target test_256/ --real-train datasets/deepfashion \
         --stats-cache ~/.cache/xmdpt --json metrics.json
@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
@@ -23,12 +24,13 @@ from tqdm import tqdm
 if not __package__:  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.deepfashion import flat_name, image_key
-from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, InceptionFeatures, build_inception, build_lpips,
-                          center_crop, feature_statistics, fid_input, frechet_distance, lpips_distance,
-                          lpips_input, network_fingerprint, psnr, ssim)
+from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
+                          build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance, lpips_input,
+                          network_fingerprint, paired_scores)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-STATS_VERSION = "pidm-fid-v1"  # bump when the FID pipeline changes, so old caches are not reused
+STATS_VERSION = "fid-v2"  # bump when the FID pipeline or the cache key changes, so old caches are not reused
+PROTOCOL_NAMES = {"pidm": "PIDM/GFLA", "cfld": "CFLD"}
 
 
 # ----------------------------------------------------------------------------- images and names
@@ -163,10 +165,6 @@ def lmdb_keys(db_dir, image_list):
     return [index[name] for name in wanted]
 
 
-def prepare_fid(rgb, size, crop):
-    return fid_input(center_crop(rgb, size) if crop else rgb, size)
-
-
 def open_real_images(path, size, transform):
     """The FID real set: a folder of images, an LMDB folder `{root}/{size}-{size}` with `{root}/train.lst`,
     or `{root}` itself (the LMDB of `--size` is used)."""
@@ -209,7 +207,7 @@ def real_statistics(dataset, extractor, args):
         return *feature_statistics(extract_features(dataset, extractor, count, args, "FID real")), count
     key = hashlib.sha1(json.dumps({
         "version": STATS_VERSION, "images": dataset.fingerprint(), "network": network_fingerprint(extractor),
-        "size": args.size, "crop": args.crop, "count": count}, sort_keys=True).encode()).hexdigest()
+        "size": args.size, "protocol": args.protocol, "count": count}, sort_keys=True).encode()).hexdigest()
     cache = Path(args.stats_cache) / f"fid_real_{key[:16]}.npz"
     cached = load_statistics(cache, key)
     if cached is not None:
@@ -241,35 +239,35 @@ def load_statistics(cache, key):
 
 
 class PairedImages(Dataset):
-    """SSIM and PSNR of each pair, computed in the loader workers, plus the two LPIPS inputs."""
+    """The SSIM(s) and PSNR of each pair, computed in the loader workers, plus the two LPIPS inputs."""
 
-    def __init__(self, pairs, size, crop):
-        self.pairs, self.size, self.crop = pairs, size, crop
+    def __init__(self, pairs, size, protocol):
+        self.pairs, self.size, self.protocol = pairs, size, protocol
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, i):
         gt, gen = (read_rgb(path) for path in self.pairs[i])
-        if self.crop:
-            gt, gen = center_crop(gt, self.size), center_crop(gen, self.size)
-        if gt.shape != gen.shape:
+        if self.protocol == "pidm" and gt.shape != gen.shape:
             raise ValueError(f"{self.pairs[i][1]} is {gen.shape[:2]} but its ground truth is {gt.shape[:2]}")
-        return ssim(gt, gen), psnr(gt, gen), lpips_input(gt, self.size), lpips_input(gen, self.size)
+        return (paired_scores(gt, gen, self.size, self.protocol),
+                lpips_input(gt, self.size, self.protocol), lpips_input(gen, self.size, self.protocol))
 
 
 def paired_metrics(pairs, lpips_model, args):
-    """Mean SSIM and PSNR over all pairs; mean LPIPS over the pairs of the complete batches."""
+    """Mean SSIM(s) and PSNR over all pairs; mean LPIPS over the pairs of the complete batches."""
     lpips_count = used_count(len(pairs), args.batch_size, args.keep_last_batch)
-    loader = DataLoader(PairedImages(pairs, args.size, args.crop), batch_size=args.batch_size,
+    loader = DataLoader(PairedImages(pairs, args.size, args.protocol), batch_size=args.batch_size,
                         num_workers=args.workers)
-    ssims, psnrs, distances = [], [], []
-    for ssim_batch, psnr_batch, gt, gen in tqdm(loader, desc="SSIM/PSNR/LPIPS"):
-        if lpips_model is not None and len(ssims) + len(gt) <= lpips_count:
+    scores, distances, seen = defaultdict(list), [], 0
+    for batch_scores, gt, gen in tqdm(loader, desc="SSIM/PSNR/LPIPS"):
+        if lpips_model is not None and seen + len(gt) <= lpips_count:
             distances.append(lpips_distance(lpips_model, gt.to(args.device), gen.to(args.device)).cpu())
-        ssims += ssim_batch.tolist()
-        psnrs += psnr_batch.tolist()
-    result = {"ssim": float(np.mean(ssims)), "psnr": float(np.mean(psnrs))}
+        seen += len(gt)
+        for key, values in batch_scores.items():
+            scores[key] += values.tolist()
+    result = {key: float(np.mean(values)) for key, values in scores.items()}
     if lpips_model is not None:
         result.update(lpips=torch.cat(distances).mean().item(), lpips_pairs=lpips_count)
     return result
@@ -297,8 +295,9 @@ def parse_args(argv=None):
                     "Inception-v3 pool features (images resized with cv2 to 176x256, or 352x512, then bilinearly "
                     "to 299); paired skimage SSIM (Gaussian, sigma 1.2) and PSNR at full size; paired LPIPS "
                     "(alex, v0.1) at 176x256; FID and LPIPS in batches of 64 whose incomplete last batch is "
-                    "dropped. Without the Inception or AlexNet weights, SSIM and PSNR are still reported and "
-                    "the missing metric is named with the file it needs; no weights are ever downloaded.")
+                    "dropped. --protocol cfld computes the metrics as CFLD's code does instead. Without the "
+                    "Inception or AlexNet weights, SSIM and PSNR are still reported and the missing metric is "
+                    "named with the file it needs; no weights are ever downloaded.")
     parser.add_argument("--generated", type=Path, required=True, metavar="DIR",
                         help="folder of generated images (.png/.jpg), one per test pair")
     parser.add_argument("--target", type=Path, required=True, metavar="DIR",
@@ -320,24 +319,33 @@ def parse_args(argv=None):
                         help=f"torchvision AlexNet IMAGENET1K_V1 state dict ({ALEXNET_FILE}), the LPIPS trunk "
                              "(the linear heads come with the lpips package); default: $TORCH_HOME/hub/checkpoints")
     parser.add_argument("--size", type=int, choices=(256, 512), default=256,
-                        help="benchmark resolution: FID/LPIPS inputs are resized to 176x256 or 352x512 (W x H)")
-    parser.add_argument("--crop", action="store_true",
-                        help="CFLD variant: centre-crop every image to 256x176 (512x352) before all metrics "
-                             "instead of squeezing the 256x256 frame (not comparable with PIDM's table)")
+                        help="benchmark resolution: images are resized to 176x256 or 352x512 (W x H) for FID and "
+                             "LPIPS (pidm) or for every metric (cfld)")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOL_NAMES), default="pidm",
+                        help="pidm (default): the PIDM/GFLA protocol described above (PIDM's utils/metrics.py). "
+                             "cfld: the metric computation of CFLD's code (models/metrics.py, pose_transfer_test.py): "
+                             "the ground truth, generated and real images are resized to 176x256 (352x512) with PIL "
+                             "bicubic (antialiased, no crop) and scaled to [0, 1]; FID (then bilinear to 299 and the "
+                             "Inception input scaling, as above) and LPIPS (alex, v0.1) on every image, no batch "
+                             "dropped; PSNR and two SSIMs on the resized images: `ssim` with a uniform 51x51 window "
+                             "on [0, 1] and `ssim_256` with a Gaussian window (sigma 1.5) on 0..255. CFLD's code "
+                             "reads the high-resolution DeepFashion images; other inputs (e.g. 256x256 ones) give "
+                             "other numbers. The two protocols' numbers are not comparable")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N",
                         help="batch size of the FID and LPIPS passes; it decides which images the legacy drop "
                              "leaves out, so keep 64 for comparable numbers (default 64)")
     parser.add_argument("--keep-last-batch", action="store_true",
-                        help="use every image for FID and LPIPS (default: drop the incomplete last batch as the "
-                             "legacy script does, of the generated and the real set alike, e.g. 8512 of 8570 "
-                             "test images; the counts used are printed)")
+                        help="use every image for FID and LPIPS (always so with --protocol cfld; default: drop "
+                             "the incomplete last batch as the legacy script does, of the generated and the real "
+                             "set alike, e.g. 8512 of 8570 test images; the counts used are printed)")
     parser.add_argument("--stats-cache", type=Path, metavar="DIR",
                         help="cache the real-set FID statistics in DIR, keyed by a hash of the set (file names, "
                              "sizes and mtimes; or the LMDB's keys, value sizes and data.mdb), the network weights "
                              "and the settings; a cache file is checked against that key before use")
     parser.add_argument("--json", type=Path, metavar="FILE",
-                        help="also write the results as JSON: ssim, psnr (Infinity for identical images), fid and "
-                             "lpips when computed, the image counts, and why a metric was not computed")
+                        help="also write the results as JSON: the protocol, ssim (and ssim_256 for cfld) with what "
+                             "each is, psnr (Infinity for identical images), fid and lpips when computed, the image "
+                             "counts, and why a metric was not computed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device for Inception and LPIPS (default: cuda when available)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
@@ -349,11 +357,13 @@ def main(argv=None, inception=None, lpips_model=None):
     """Run the evaluation. `inception` (a network mapping (N, 3, 299, 299) to (N, D)) and `lpips_model` replace
     the weight files, so that tests can inject randomly initialised networks."""
     args = parse_args(argv)
-    protocol = "CFLD centre crop" if args.crop else "PIDM/GFLA"
+    args.keep_last_batch |= args.protocol == "cfld"  # CFLD's code uses every image
     pairs = pair_files(args.generated, args.target, args.naming)
-    print(f"{len(pairs)} pairs, {protocol} protocol at {args.size}, batches of {args.batch_size} "
-          f"({'all images kept' if args.keep_last_batch else 'incomplete last batch dropped'} for FID and LPIPS)")
-    results, skipped = {"protocol": protocol, "size": args.size, "pairs": len(pairs)}, {}
+    print(f"{len(pairs)} pairs, {PROTOCOL_NAMES[args.protocol]} protocol at {args.size}, batches of "
+          f"{args.batch_size} ({'all images kept' if args.keep_last_batch else 'incomplete last batch dropped'} "
+          f"for FID and LPIPS)")
+    results, skipped = {"protocol": args.protocol, "size": args.size, "pairs": len(pairs),
+                        "ssim_definitions": SSIM_DEFINITIONS[args.protocol]}, {}
 
     if lpips_model is None:
         trunk, skipped["lpips"] = find_weights(args.lpips_weights, ALEXNET_FILE, "--lpips-weights")
@@ -369,7 +379,7 @@ def main(argv=None, inception=None, lpips_model=None):
         inception = build_inception(weights) if weights else None
     if inception is not None:
         extractor = InceptionFeatures(inception).to(args.device)
-        transform = partial(prepare_fid, size=args.size, crop=args.crop)
+        transform = partial(fid_input, size=args.size, protocol=args.protocol)
         mu_real, sigma_real, n_real = real_statistics(open_real_images(args.real_train, args.size, transform),
                                                       extractor, args)
         generated = ImageFiles([gen for _, gen in pairs], transform)
@@ -387,14 +397,14 @@ def main(argv=None, inception=None, lpips_model=None):
 def print_table(results):
     pairs = results["pairs"]
     used = {"fid": f"{results.get('fid_generated')} generated vs {results.get('fid_real')} real",
-            "ssim": f"{pairs} pairs", "psnr": f"{pairs} pairs",
-            "lpips": f"{results.get('lpips_pairs')} of {pairs} pairs"}
-    print(f"\n{'metric':<8}{'value':>10}   images")
+            **{key: f"{pairs} pairs; {what}" for key, what in results["ssim_definitions"].items()},
+            "psnr": f"{pairs} pairs", "lpips": f"{results.get('lpips_pairs')} of {pairs} pairs"}
+    print(f"\n{PROTOCOL_NAMES[results['protocol']]} protocol\n{'metric':<10}{'value':>10}   images")
     for key, images in used.items():
         if key in results:
-            print(f"{key.upper():<8}{results[key]:>10.4f}   {images}")
+            print(f"{key.upper():<10}{results[key]:>10.4f}   {images}")
         else:
-            print(f"{key.upper():<8}{'-':>10}   not computed: {results['not_computed'][key]}")
+            print(f"{key.upper():<10}{'-':>10}   not computed: {results['not_computed'][key]}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The DeepFashion metrics (FID, SSIM, PSNR, LPIPS) as the PIDM/GFLA protocol defines them.
+"""The DeepFashion metrics (FID, SSIM, PSNR, LPIPS) under two protocols.
 
-Pure functions and the two frozen networks; file handling and the command line live in
-`eval/fid_ssim_lpips.py`. Every choice here (sizes, interpolation, SSIM arguments, value ranges) follows the
-legacy metrics script, so that the numbers are comparable with the published tables.
+pidm (the default): the PIDM/GFLA metrics script behind the published tables. Every choice (sizes,
+interpolation, SSIM arguments, value ranges) follows it, so that the numbers are comparable with them.
+cfld: the computation of CFLD's evaluation code, which resizes every image with PIL bicubic and reports two SSIMs.
+
+Pure functions and the two frozen networks; file handling and the command line live in `eval/fid_ssim_lpips.py`.
 """
 import hashlib
 import warnings
@@ -14,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from scipy import linalg
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -31,41 +34,59 @@ def eval_width(size):
     return size * 11 // 16
 
 
-def center_crop(rgb, size):
-    """The CFLD variant: keep the central `eval_width(size)` columns (no-op if already narrower)."""
-    width = eval_width(size)
-    left = max(0, (rgb.shape[1] - width) // 2)
-    return rgb[:, left:left + width]
-
-
-def _resized(rgb, size):
-    """float32 0..255 HWC image resized by cv2 (INTER_LINEAR) to eval_width(size) x size."""
+def resized(rgb, size, protocol="pidm"):
+    """uint8 RGB (H, W, 3) -> float32 (size, eval_width(size), 3) on 0..255, resized as `protocol` does:
+    cv2 bilinear on the float image (pidm), or PIL bicubic, antialiased, on the uint8 image (cfld)."""
+    if protocol == "cfld":
+        return np.asarray(Image.fromarray(rgb).resize((eval_width(size), size), Image.BICUBIC), np.float32)
     return cv2.resize(rgb.astype(np.float32), (eval_width(size), size), interpolation=cv2.INTER_LINEAR)
 
 
-def fid_input(rgb, size=256):
+def fid_input(rgb, size=256, protocol="pidm"):
     """uint8 RGB (H, W, 3) -> float32 tensor (3, size, eval_width(size)) in [0, 1]."""
-    return torch.from_numpy(_resized(rgb, size) / 255).permute(2, 0, 1)
+    return torch.from_numpy(resized(rgb, size, protocol) / 255).permute(2, 0, 1)
 
 
-def lpips_input(rgb, size=256):
+def lpips_input(rgb, size=256, protocol="pidm"):
     """uint8 RGB (H, W, 3) -> float32 tensor (3, size, eval_width(size)) in [-1, 1]."""
-    return torch.from_numpy(_resized(rgb, size) / 127.5 - 1).permute(2, 0, 1)
+    return torch.from_numpy(resized(rgb, size, protocol) / 127.5 - 1).permute(2, 0, 1)
 
 
-def ssim(gt, gen):
-    """SSIM of two same-size uint8 RGB images, with the legacy arguments, on 0..255 float64."""
+def ssim(gt, gen, sigma=1.2):
+    """Gaussian-window SSIM of two same-size RGB images on 0..255, with the legacy arguments (population
+    covariance, data range of `gen`). skimage computes uint8 images in float64 and float32 ones in float32."""
     if gt.shape != gen.shape:
         raise ValueError(f"SSIM needs images of the same size, got {gt.shape} and {gen.shape}")
-    gt, gen = gt.astype(np.float64), gen.astype(np.float64)
-    return float(structural_similarity(gt, gen, gaussian_weights=True, sigma=1.2, use_sample_covariance=False,
+    return float(structural_similarity(gt, gen, gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
                                        channel_axis=-1, data_range=gen.max() - gen.min()))
 
 
-def psnr(gt, gen):
-    """PSNR of two uint8 RGB images on [0, 1] floats (data_range 1); inf for identical images."""
+def psnr(gt, gen, peak=255):
+    """PSNR of two RGB images divided by `peak` (255: uint8 images, as float64; 1: [0, 1] images as they are),
+    with data_range 1; inf for identical images."""
     with np.errstate(divide="ignore"):
-        return float(peak_signal_noise_ratio(gt / 255.0, gen / 255.0, data_range=1))
+        return float(peak_signal_noise_ratio(gt / peak, gen / peak, data_range=1))
+
+
+# What each protocol reports as SSIM, by result key.
+SSIM_DEFINITIONS = {
+    "pidm": {"ssim": "Gaussian window (sigma 1.2) on 0..255, data range of the generated image, full size"},
+    "cfld": {"ssim": "uniform 51x51 window on [0, 1], data range 1, resized",
+             "ssim_256": "Gaussian window (sigma 1.5) on 0..255, data range of the generated image, resized"},
+}
+
+
+def paired_scores(gt, gen, size=256, protocol="pidm"):
+    """The SSIM(s) (keys of SSIM_DEFINITIONS[protocol]) and PSNR of a (ground truth, generated) uint8 RGB pair.
+
+    pidm compares the images at full size (they must match); cfld resizes both and compares them as float32
+    [0, 1] arrays, the values and precision of CFLD's tensors.
+    """
+    if protocol == "pidm":
+        return {"ssim": ssim(gt, gen), "psnr": psnr(gt, gen)}
+    gt, gen = resized(gt, size, protocol) / 255, resized(gen, size, protocol) / 255
+    return {"ssim": float(structural_similarity(gt, gen, data_range=1, win_size=51, channel_axis=-1)),
+            "ssim_256": ssim(gt * 255, gen * 255, sigma=1.5), "psnr": psnr(gt, gen, peak=1)}
 
 
 def feature_statistics(features):

@@ -7,22 +7,27 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 
 import cv2
 import lmdb
+import lpips
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from scipy import ndimage
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torchvision import transforms
 
 from data.deepfashion import flat_name, image_key
-from eval.fid_ssim_lpips import legacy_target, main, pair_files
-from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, build_inception, build_lpips,
-                          feature_statistics, frechet_distance, lpips_distance, lpips_input, psnr, ssim)
+from eval.fid_ssim_lpips import legacy_target, main, pair_files, read_rgb
+from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, build_inception, build_lpips, feature_statistics,
+                          frechet_distance, lpips_distance, lpips_input, paired_scores, psnr, ssim)
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = "fashionWOMENBlouses_Shirtsid0000063703_1front_2_fashionWOMENBlouses_Shirtsid0000063701_1front_vis.png"
@@ -34,10 +39,10 @@ def random_image(rng, size=256):
     return np.clip(cv2.resize(small, (size, size)) + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
 
 
-def write_images(folder, names, rng):
+def write_images(folder, names, rng, size=256):
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
-        cv2.imwrite(str(folder / name), random_image(rng)[..., ::-1])
+        cv2.imwrite(str(folder / name), random_image(rng, size)[..., ::-1])
     return folder
 
 
@@ -124,6 +129,44 @@ def test_lpips_trunk_loads_from_a_torchvision_alexnet_file(tmp_path):
     model = build_lpips(path)
     assert torch.equal(model.net.slice1[0].weight, features[0].weight)
     assert torch.equal(getattr(model.net.slice5, "10").bias, features[10].bias)
+
+
+def no_download(url, *args, **kwargs):
+    raise AssertionError(f"tried to download {url}")
+
+
+def test_lpips_equals_the_lpips_package_given_the_same_trunk(tmp_path, monkeypatch):
+    """Our LPIPS (trunk file, cv2 resize, [-1, 1]) per pair and through the CLI, against lpips.LPIPS loading the
+    same AlexNet file by itself (torchvision's loader, from $TORCH_HOME) and fed by the package's own helpers."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    trunk = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    assert trunk.parent == tmp_path / "torch" / "hub" / "checkpoints"
+    trunk.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    saved = torchvision.models.alexnet(weights=None).state_dict()  # random: stands in for the ImageNet file
+    torch.save(saved, trunk)
+    with warnings.catch_warnings():  # lpips asks torchvision for the deprecated `pretrained=True`
+        warnings.simplefilter("ignore", UserWarning)
+        reference = lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
+    assert torch.equal(getattr(reference.net.slice5, "10").weight, saved["features.10.weight"])
+
+    rng = np.random.default_rng(11)
+    names = ["p0.png", "p1.png", "p2.png"]
+    gen, gt = write_images(tmp_path / "gen", names, rng), write_images(tmp_path / "gt", names, rng)
+
+    def package_input(path):  # EVAL.md's cv2 resize to 176x256, then the package's reader and [-1, 1] helper
+        return lpips.im2tensor(cv2.resize(lpips.load_image(str(path)).astype(np.float32), (176, 256)))
+
+    with torch.no_grad():
+        expected = torch.cat([reference(package_input(gt / n), package_input(gen / n)) for n in names]).flatten()
+    gt_batch, gen_batch = (torch.stack([lpips_input(read_rgb(d / n)) for n in names]) for d in (gt, gen))
+    ours = lpips_distance(build_lpips(trunk), gt_batch, gen_batch)
+    cli = main(["--generated", str(gen), "--target", str(gt), "--lpips-weights", str(trunk), "--workers", "0",
+                "--device", "cpu"])
+    assert expected.min() > 1e-3 and expected.std() > 1e-4  # three different, non-trivial distances
+    assert (ours - expected).abs().max().item() < 1e-6
+    assert cli["lpips_pairs"] == 3 and cli["lpips"] == pytest.approx(expected.mean().item(), abs=1e-6)
 
 
 def test_inception_loads_a_torchvision_state_dict(tmp_path):
@@ -300,3 +343,86 @@ def test_real_set_from_lmdb_matches_the_folder(folders, tmp_path, listed):
     (root / "train.lst").write_text("\n".join(names + ["fashionWOMENDressesid0000000901_1front.jpg"]) + "\n")
     with pytest.raises(KeyError, match="1 of the 5 images .* fashionWOMENDressesid0000000901_1front.png"):
         main(fid_argv(gen, gt, root), inception=tiny)
+
+
+def cfld_reference(gt_paths, gen_paths, real_paths, lpips_model):
+    """CFLD's evaluation written out: per-pair scores, LPIPS, and the FID network inputs (real set first).
+
+    Every image goes through torchvision's PIL bicubic Resize to 256x176 and ToTensor, as CFLD's datasets do for
+    the ground truth and the real set; the generated images get the same PIL resize (EVAL.md), then CFLD's
+    uint8 round trip. The scores use CFLD's (C, H, W) float32 arrays.
+    """
+    load = transforms.Compose([transforms.Resize([256, 176], transforms.InterpolationMode.BICUBIC, antialias=True),
+                               transforms.ToTensor()])
+    gts, reals = (torch.stack([load(Image.open(p).convert("RGB")) for p in paths]) for paths in (gt_paths, real_paths))
+    preds = torch.stack([load(Image.open(p).convert("RGB")) for p in gen_paths])
+    preds = (preds * 255).clamp(0, 255).to(torch.uint8).float() / 255
+    scores = []
+    for g, p in zip(gts.numpy(), preds.numpy()):
+        g256, p256 = g * 255.0, p * 255.0
+        scores.append({
+            "ssim": structural_similarity(g, p, data_range=1, win_size=51, channel_axis=0),
+            "ssim_256": structural_similarity(g256, p256, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                              channel_axis=0, data_range=p256.max() - p256.min()),
+            "psnr": peak_signal_noise_ratio(g, p, data_range=1)})
+    with torch.no_grad():
+        distances = lpips_model(preds, gts, normalize=True).flatten()
+
+    def inception_input(x):  # CFLD writes the affine as ImageNet's std / 0.5 and (mean - 0.5) / 0.5
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        std, mean = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1), torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+        return x * (std / 0.5) + (mean - 0.5) / 0.5
+
+    return scores, distances, torch.cat([inception_input(reals), inception_input(preds)])
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 images give a singular covariance
+def test_cfld_protocol_is_cfld_computation_written_out(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    names = ["p0.png", "p1.png", "p2.png"]
+    gen = write_images(tmp_path / "gen", names, rng)  # 256x256, as our models write them
+    gt = write_images(tmp_path / "gt", names, rng, size=352)  # another size: resized too
+    real = write_images(tmp_path / "real", [f"r{i}.png" for i in range(5)], rng, size=300)
+    torch.manual_seed(0)
+    lpips_model = build_lpips(random_trunk=True)  # random trunk: a pipeline check only
+    tiny = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    net = Recording(tiny)
+    out = tmp_path / "metrics.json"
+    results = main(fid_argv(gen, gt, real, "--protocol", "cfld", "--json", str(out)), inception=net,
+                   lpips_model=lpips_model)
+    scores, distances, fid_inputs = cfld_reference([gt / n for n in names], [gen / n for n in names],
+                                                   sorted(real.iterdir()), lpips_model)
+
+    for n, expected in zip(names, scores):
+        assert paired_scores(read_rgb(gt / n), read_rgb(gen / n), 256, "cfld") == pytest.approx(expected, abs=1e-6)
+    ours = lpips_distance(lpips_model, *(torch.stack([lpips_input(read_rgb(d / n), 256, "cfld") for n in names])
+                                         for d in (gt, gen)))
+    assert (ours - distances).abs().max().item() < 1e-6
+    for key in ("ssim", "ssim_256", "psnr"):
+        assert results[key] == pytest.approx(np.mean([s[key] for s in scores]), abs=1e-6)
+    assert results["lpips"] == pytest.approx(distances.mean().item(), abs=1e-6)
+    # every image for FID and LPIPS, though batches of 2 would drop one of each set under pidm
+    assert (results["fid_real"], results["fid_generated"], results["lpips_pairs"]) == (5, 3, 3)
+    assert torch.allclose(torch.cat(net.inputs), fid_inputs, atol=1e-6)
+    real_features, gen_features = (torch.cat(o).double().numpy() for o in (net.outputs[:3], net.outputs[3:]))
+    assert results["fid"] == pytest.approx(frechet_distance(*feature_statistics(gen_features),
+                                                            *feature_statistics(real_features)), rel=1e-9)
+
+    saved = json.loads(out.read_text())  # the output names the protocol and what each SSIM is
+    assert saved["protocol"] == "cfld" and set(saved["ssim_definitions"]) == {"ssim", "ssim_256"}
+    assert "51x51" in saved["ssim_definitions"]["ssim"] and "sigma 1.5" in saved["ssim_definitions"]["ssim_256"]
+    printed = capsys.readouterr().out
+    assert "CFLD protocol" in printed and "SSIM_256" in printed and "51x51" in printed
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # few images give a singular covariance
+def test_stats_cache_is_keyed_by_protocol(folders, tmp_path):
+    gen, gt, real = folders
+    torch.manual_seed(0)
+    tiny = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 8))
+    cache, seen = tmp_path / "cache", []
+    for protocol in ("pidm", "cfld", "pidm", "cfld"):  # 4 real images in batches of 2: the same count in both
+        net = Recording(tiny)
+        main(fid_argv(gen, gt, real, "--stats-cache", str(cache), "--protocol", protocol), inception=net)
+        seen.append(net.seen())
+    assert seen == [4 + 2, 4 + 3, 2, 3] and len(list(cache.iterdir())) == 2
