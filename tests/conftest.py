@@ -37,6 +37,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def as_float(tensors):
+    """Half-precision fixture tensors upcast to float32 (the references were computed on the rounded values)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="session")
+def lowt():
+    """(model, inputs, condition, outputs) of official_lowt_init.pt: the released code's losses at
+    t = 0, 0, 1, 3, 20, 150, 600, 999 (tests/fixtures/README.md)."""
+    from models import load_checkpoint
+    data = torch.load(FIXTURES / "official_lowt_init.pt", weights_only=True)
+    inputs = as_float(data["inputs"])
+    cond = dict(pose=inputs["dino_tgt_pose"], image=inputs["dino_src_img"], source=inputs["src_img"])
+    return load_checkpoint(as_float(data["state_dict"])), inputs, cond, data["outputs"]
+
+
+@pytest.fixture(scope="session")
+def released_init():
+    """The released initialisation's deterministic entries (official_lowt_init.pt["init"])."""
+    return torch.load(FIXTURES / "official_lowt_init.pt", weights_only=True)["init"]
+
+
 @pytest.fixture(scope="session")
 def parity():
     """The released X-MDPT code's reference outputs (tests/fixtures/README.md)."""
