@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_xmdpt
 from configs import load_config
@@ -200,3 +201,118 @@ def test_overrides_read_exponents_as_floats(tmp_path):
     assert cfg["train"]["lr"] == 1e-3 and cfg["train"]["weight_decay"] == 5.0 and cfg["data"]["root"] == "1e3x"
     (tmp_path / "c.yaml").write_text("base: " + str(ROOT / "configs/demo.yaml") + "\ntrain:\n  lr: 2e-4\n")
     assert load_config(tmp_path / "c.yaml")["train"]["lr"] == 2e-4
+
+
+# ---- the objective and the optimizer step ----------------------------------------------------------------
+
+def tiny_model(**kw):
+    arch = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, pose_dim=16,
+                image_dim=24, dino_tokens=5, cond_drop=0.0)
+    model = train_xmdpt.XMDPT(**dict(arch, **kw))
+    torch.manual_seed(1)
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)  # a fresh model outputs zeros, and most of its gradients are zero
+    return model
+
+
+def tiny_batch(model, n=3):
+    a = model.arch
+    g = torch.Generator().manual_seed(3)
+    return (torch.rand(n, 4, 8, 8, generator=g) * 2 - 1, torch.randn(n, 5, 16, generator=g),
+            torch.randn(n, 5, 24, generator=g), torch.randn(n, 4, 8, 8, generator=g))
+
+
+def test_objective_total_is_the_plain_plus_the_masked_loss():
+    """The masked (MIPNet) forward's loss enters the total that is back-propagated, with its own t, noise
+    and masking replayed from the same random numbers the objective drew."""
+    model = tiny_model()
+    x0, pose, image, source = tiny_batch(model)
+    diffusion = train_xmdpt.Diffusion()
+    torch.manual_seed(7)
+    terms = train_xmdpt.Objective(model, diffusion)(x0, pose, image, source)
+    torch.manual_seed(7)
+    t = torch.randint(0, 1000, (3,))
+    noise = torch.randn(x0.shape)
+    mask_noise = torch.rand(3, model.num_patches)
+    cond = dict(pose=pose, image=image, source=source)
+    plain = diffusion.training_losses(model, x0, t, cond, noise)["loss"].mean()
+    masked = diffusion.training_losses(model, x0, t, dict(cond, mask=True, mask_noise=mask_noise), noise)["loss"].mean()
+    torch.testing.assert_close(terms["loss"], plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["m_loss"], masked, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["total"], plain + masked, rtol=1e-6, atol=0)
+    params = [p for p in model.parameters()]
+    got = torch.autograd.grad(terms["total"], params, allow_unused=True)
+    want = torch.autograd.grad(plain + masked, params, allow_unused=True)
+    for name, a, b in zip(dict(model.named_parameters()), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    mask_token = next(i for i, p in enumerate(params) if p is model.mipnet.mask_token)
+    assert got[mask_token].abs().sum() > 0  # MIPNet trains through the total
+
+
+def test_objective_without_mipnet_is_the_plain_loss():
+    """The DiT ablation (mipnet='none'): one plain forward, no masked term."""
+    model = tiny_model(mipnet="none")
+    x0, pose, image, source = tiny_batch(model)
+    torch.manual_seed(7)
+    terms = train_xmdpt.Objective(model, train_xmdpt.Diffusion())(x0, pose, image, source)
+    assert not [k for k in terms if k.startswith("m_")]
+    assert terms["total"] is terms["loss"] or torch.equal(terms["total"], terms["loss"])
+
+
+def run_recording(synth, tmp_path, monkeypatch, **train):
+    """Train the tiny config for 2 steps, recording the gradient of every objective call's total (taken
+    before the loop's own backward) and the gradients the optimizer applies at each step."""
+    cfg = tiny_config(synth, max_steps=2, log_every=1, ckpt_every=1, **train)
+    real = train_xmdpt.Objective.forward
+    per_call, applied = [], []
+
+    def recording(self, *args):
+        terms = real(self, *args)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        per_call.append(torch.autograd.grad(terms["total"], params, retain_graph=True, allow_unused=True))
+        return terms
+
+    def before_step(opt, args, kwargs):
+        applied.append([p.grad.clone() for group in opt.param_groups for p in group["params"]])
+
+    monkeypatch.setattr(train_xmdpt.Objective, "forward", recording)
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        train_xmdpt.train(cfg, tmp_path)
+    finally:
+        handle.remove()
+    return cfg, per_call, applied
+
+
+def flat(grads):
+    return torch.cat([g.flatten() for g in grads if g is not None])
+
+
+@pytest.mark.parametrize("accum, clip", [(1, None), (2, None), (2, 1e-3)])
+def test_optimizer_applies_the_mean_gradient_of_the_micro_batches_clipped(synth, tmp_path, monkeypatch, accum,
+                                                                         clip):
+    """With grad_accum k the applied gradient is the mean of the k micro-batches' gradients of the total
+    loss (each micro-batch holding global_batch / k samples); with grad_clip its norm is at most the clip,
+    its direction unchanged (torch's clip_grad_norm_: scale min(1, clip / (norm + 1e-6)))."""
+    _, per_call, applied = run_recording(synth, tmp_path, monkeypatch, grad_accum=accum, grad_clip=clip)
+    assert len(per_call) == 2 * accum and len(applied) == 2
+    for step in range(2):
+        mean = sum(flat(g) for g in per_call[step * accum:(step + 1) * accum]) / accum
+        expected = mean * min(1.0, clip / (mean.norm().item() + 1e-6)) if clip else mean
+        torch.testing.assert_close(flat(applied[step]), expected, rtol=1e-5, atol=1e-9)
+        if clip:
+            assert mean.norm() > 10 * clip and flat(applied[step]).norm() == pytest.approx(clip, rel=1e-4)
+
+
+def test_ema_moves_towards_the_weights_by_one_minus_decay(synth, tmp_path):
+    """ema_k = decay * ema_(k-1) + (1 - decay) * weights_k after every optimizer step."""
+    cfg = tiny_config(synth, max_steps=2, log_every=1, ckpt_every=1, ema=0.9)
+    train_xmdpt.train(cfg, tmp_path)
+    first, second = (torch.load(tmp_path / "checkpoints" / f"000000{k}.pt", weights_only=True) for k in (1, 2))
+    for key, ema in second["ema"].items():
+        expected = 0.9 * first["ema"][key] + 0.1 * second["model"][key]
+        torch.testing.assert_close(ema, expected, rtol=1e-5, atol=1e-7)
+    gap = max((second["model"][k] - first["ema"][k]).abs().max().item() for k in second["ema"])
+    assert gap > 1e-3  # the weights did move away from the EMA, so a wrong decay would show
