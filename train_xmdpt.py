@@ -4,9 +4,10 @@
   torchrun --nproc_per_node 2 train_xmdpt.py --config configs/xmdpt_l_512.yaml --out runs/l512
 
 Each step sums the hybrid loss of an unmasked forward and (with MIPNet) of a masked forward on the same
-x_t, t and noise. The frozen encoders run only on what the step uses (the target's skeleton, the source
-image, both latents), or not at all with a feature cache (data.cache). The run directory holds log.csv,
-TensorBoard events, sample grids and atomic checkpoints; --resume continues from the newest one exactly.
+x_t, t and noise (models/training.py). The frozen encoders run only on what the step uses (the target's
+skeleton, the source image, both latents), or not at all with a feature cache (data.cache). The run directory
+holds log.csv, TensorBoard events, sample grids and atomic checkpoints; --resume continues from the newest one
+exactly.
 """
 import argparse
 import contextlib
@@ -15,58 +16,96 @@ import os
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from configs import load_config, model_arch
+from configs import load_config, model_config
 from data.cache import CachedPairs, FeatureCache, encoder_signature
 from data.deepfashion import PairDataset
+from data.files import atomic_path
 from data.sampler import ResumableSampler, SeededDataset
+from inference.pipeline import Pipeline, encode_pairs
+from inference.pairs import pair_seed
 from models import XMDPT, Diffusion
+from models.checkpoint import read_checkpoint
 from models.encoders import build_encoders
+from models.training import Objective, step_inputs, update_ema
 
 # Keys that may change between a run and its resumption.
 RUN_KEYS = {"max_steps", "ckpt_every", "log_every", "sample_every", "workers"}
-LOG_COLUMNS = ["step", "loss", "mse", "vb", "m_loss", "m_mse", "m_vb", "lr", "steps_per_s"]
+# The loss terms (models/training.py), means over the global batch; masked_* are absent without MIPNet.
+LOSSES = ["total", "plain_loss", "plain_mse", "plain_vb", "masked_loss", "masked_mse", "masked_vb"]
+LOG_COLUMNS = ["step", *LOSSES, "lr", "steps_per_s"]
 
 
-class Objective(nn.Module):
-    """The loss of one step, as one module so that DistributedDataParallel sees one forward per backward."""
-
-    def __init__(self, model, diffusion):
-        super().__init__()
-        self.model, self.diffusion = model, diffusion
-
-    def forward(self, x0, pose, image, source):
-        t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
-        cond = dict(pose=pose, image=image, source=source)
-        terms = {k: v.mean() for k, v in self.diffusion.training_losses(self.model, x0, t, cond, noise).items()}
-        if self.model.mipnet is not None:
-            masked = self.diffusion.training_losses(self.model, x0, t, dict(cond, mask=True), noise)
-            terms.update({"m_" + k: v.mean() for k, v in masked.items()})
-        terms["total"] = terms["loss"] + terms.get("m_loss", 0.0)
-        return terms
+def train(cfg, out, resume=False):
+    """Train as `cfg` says into the run directory `out` (with `resume`, from its newest checkpoint); returns the
+    trained model and its EMA."""
+    rank, world, device = setup_distributed()
+    try:
+        checkpoint = checkpoint_to_resume(cfg, out, resume, rank)
+        run = Run(cfg, out, checkpoint, rank, world, device)
+        run.loop()
+        return run.model, run.ema
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def step_inputs(batch, encoders, device):
-    """(x0, pose tokens, image tokens, source latent) of a batch, from pixels or from cached features."""
-    fs = encoders.first_stage
-    get = lambda k: batch[k].to(device, non_blocking=True)
-    if "target_mean" in batch:
-        x0 = fs.sample_from_moments(get("target_mean"), get("target_logvar"))
-        source = fs.sample_from_moments(get("source_mean"), get("source_logvar"))
-        return x0, get("target_pose_tokens"), get("source_image_tokens"), source
-    x0 = fs.encode(get("target"))
-    source = fs.encode(get("source"))
-    return x0, encoders.pose(get("target_pose_dino")), encoders.image(get("source_dino")), source
+def setup_distributed():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+def newest_checkpoint(out):
+    ckpts = sorted((Path(out) / "checkpoints").glob("*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def checkpoint_to_resume(cfg, out, resume, rank):
+    """The contents of the newest checkpoint in `out` when resuming (refused if it holds another config), else
+    None (refused if `out` already holds checkpoints)."""
+    newest = newest_checkpoint(out)
+    if not resume:
+        if newest is not None and rank == 0:
+            raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
+        return None
+    if newest is None:
+        return None
+    contents = read_checkpoint(newest).contents
+    diffs = config_differences(contents["run_config"], cfg)
+    if diffs:
+        raise ValueError(f"{out} holds a run of another config; refusing to resume:\n  " + "\n  ".join(diffs))
+    return contents
+
+
+def config_differences(saved, current, prefix=""):
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if key in RUN_KEYS:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} in the run, {b!r} now")
+    return diffs
 
 
 def rng_state():
@@ -88,36 +127,216 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def atomic_save(obj, path):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# -------------------------------------------------------------------------------------------------- build
+
+def training_data(cfg, signature):
+    """The training pairs: pixels, or the feature cache's entries for them."""
+    d = cfg["data"]
+    pairs = PairDataset(d["root"], d["size"], "train", scale_jitter=d["scale_jitter"])
+    return CachedPairs(pairs, FeatureCache(d["cache"], signature)) if d["cache"] else pairs
 
 
-def newest_checkpoint(out):
-    ckpts = sorted((Path(out) / "checkpoints").glob("*.pt"))
-    return ckpts[-1] if ckpts else None
+def frozen_encoders(cfg, device, sample_pairs):
+    """The frozen encoders, and the model inputs of the first `sample_pairs` test pairs (the sample grid's,
+    with their images and skeletons). With a feature cache a step runs no encoder: the DINOv2 encoders are
+    released once the sample grid's inputs are made; the first stage stays, to turn cached moments into
+    latents and decode the samples."""
+    encoders = build_encoders(cfg["encoders"], device)
+    samples = None
+    if sample_pairs:
+        test = PairDataset(cfg["data"]["root"], cfg["data"]["size"], "test")
+        items = [test[i] for i in range(min(sample_pairs, len(test)))]
+        images = {k: torch.stack([it[k] for it in items]) for k in ("source", "target", "target_skeleton")}
+        seeds = [pair_seed(cfg["train"]["seed"], i) for i in range(len(items))]
+        samples = dict(images, inputs=encode_pairs(encoders, images["source"], images["target_skeleton"], seeds,
+                                                   device))
+    if cfg["data"]["cache"]:
+        encoders.pose = encoders.image = None
+    return encoders, samples
 
 
-def config_differences(saved, current, prefix=""):
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if key in RUN_KEYS:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} in the run, {b!r} now")
-    return diffs
+class Run:
+    """A training run, built from a config and the checkpoint it resumes (or None)."""
+
+    def __init__(self, cfg, out, checkpoint, rank, world, device):
+        self.cfg, self.tc, self.out = cfg, cfg["train"], Path(out)
+        self.rank, self.world, self.device = rank, world, device
+        tc = self.tc
+        if tc["global_batch"] % (world * tc["grad_accum"]):
+            raise ValueError(f"train.global_batch {tc['global_batch']} must be divisible by processes x grad_accum "
+                             f"= {world} x {tc['grad_accum']}")
+        torch.manual_seed(tc["seed"] + rank)
+        np.random.seed(tc["seed"] + rank)
+        random.seed(tc["seed"] + rank)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        train_set = training_data(cfg, encoder_signature(cfg["encoders"], cfg["data"]["size"]))
+        sample_pairs = cfg["sample"]["num_pairs"] if rank == 0 and tc["sample_every"] else 0
+        self.encoders, self.samples = frozen_encoders(cfg, device, sample_pairs)
+        self.model = XMDPT(model_config(cfg)).to(device)
+        self.ema = XMDPT(self.model.config).to(device).eval().requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+        self.step = 0
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.ema.load_state_dict(checkpoint["ema"])
+            self.opt.load_state_dict(checkpoint["opt"])
+            self.step = checkpoint["step"]
+            states = checkpoint["rng"]
+            set_rng_state(states[rank] if len(states) == world else states[0])
+        objective = Objective(self.model, Diffusion())
+        self.objective = DistributedDataParallel(objective) if world > 1 else objective
+
+        micro = tc["global_batch"] // (world * tc["grad_accum"])
+        sampler = ResumableSampler(len(train_set), tc["global_batch"], tc["seed"], rank, world,
+                                   start=self.step * tc["global_batch"])
+        self.batches = iter(DataLoader(SeededDataset(train_set), batch_size=micro, sampler=sampler,
+                                       num_workers=cfg["data"]["workers"], pin_memory=device.type == "cuda",
+                                       generator=torch.Generator(), persistent_workers=False))
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=device.type == "cuda" and tc["mixed_precision"] == "bf16")
+        self.log = Log(self.out, self.step) if rank == 0 else None
+        if rank == 0:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.out / "samples").mkdir(exist_ok=True)
+        self.sums = LossSums(device)
+
+    # --------------------------------------------------------------------------------------------- loop
+
+    def loop(self):
+        tc = self.tc
+        bar = tqdm(total=tc["max_steps"], initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        try:
+            while self.step < tc["max_steps"]:
+                self.train_step()
+                self.step += 1
+                bar.update(1)
+                if self.step % tc["log_every"] == 0 or self.step == tc["max_steps"]:
+                    self.write_log(bar)
+                if self.step % tc["ckpt_every"] == 0 or self.step == tc["max_steps"]:
+                    self.save()
+                if self.rank == 0 and tc["sample_every"] and self.step % tc["sample_every"] == 0:
+                    self.write_samples()
+        except KeyboardInterrupt:
+            self.save()
+            if self.rank == 0:
+                print(f"\ninterrupted: saved the checkpoint of step {self.step} in {self.out / 'checkpoints'}",
+                      file=sys.stderr)
+            raise SystemExit(130)
+        finally:
+            bar.close()
+            if self.log is not None:
+                self.log.close()
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches, with no host-device synchronisation."""
+        tc = self.tc
+        self.opt.zero_grad(set_to_none=True)
+        for micro_step in range(tc["grad_accum"]):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
+                     if torch.is_tensor(v)}
+            features = batch if "pose" in batch else \
+                self.encoders.features(batch["target"], batch["source"], batch["target_skeleton"])
+            inputs = step_inputs(features, self.encoders.first_stage)
+            sync = self.world == 1 or micro_step == tc["grad_accum"] - 1
+            with (contextlib.nullcontext() if sync else self.objective.no_sync()), self.autocast:
+                terms = self.objective(*inputs)
+            (terms["total"] / tc["grad_accum"]).backward()
+            self.sums.add(terms, 1 / tc["grad_accum"], self.step + 1)
+        if tc["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc["grad_clip"])
+        self.opt.step()
+        update_ema(self.ema, self.model, tc["ema"])
+
+    # ----------------------------------------------------------------------------------------- log, save
+
+    def check_finite(self):
+        """Stop, naming the first step whose loss was not finite, before anything logs or saves it."""
+        bad = self.sums.first_bad_step(self.world)
+        if bad is not None:
+            last = newest_checkpoint(self.out)
+            raise FloatingPointError(f"non-finite loss at step {bad}; stopping. The last good checkpoint is "
+                                     f"{last or 'none (no checkpoint written yet)'}")
+
+    def write_log(self, bar):
+        self.check_finite()
+        means, rate = self.sums.take(self.world)
+        if self.log is not None:
+            self.log.write(self.step, means, self.opt.param_groups[0]["lr"], rate)
+            bar.set_postfix(loss=f"{means['total']:.4f}")
+
+    def save(self):
+        self.check_finite()
+        states = [rng_state()]
+        if self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, rng_state())
+        if self.rank == 0:
+            contents = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                        "step": self.step, "model_config": asdict(self.model.config), "run_config": self.cfg,
+                        "rng": states}
+            with atomic_path(self.out / "checkpoints" / f"{self.step:07d}.pt") as staged:
+                torch.save(contents, staged)
+
+    @torch.no_grad()
+    def write_samples(self):
+        """source | target | skeleton | generated (EMA weights), one row per sample pair, in [0, 1]."""
+        from torchvision.utils import make_grid, save_image
+        s, cfg = self.samples, self.cfg["sample"]
+        pipe = Pipeline(self.ema, self.encoders, self.cfg["data"]["size"], cfg, self.device)
+        generated = pipe.sample(s["inputs"])
+        columns = [s["source"], s["target"], s["target_skeleton"] * 2 - 1, generated]
+        grid = make_grid(((torch.stack(columns, dim=1).flatten(0, 1) + 1) / 2).clamp(0, 1), nrow=len(columns))
+        save_image(grid, self.out / "samples" / f"{self.step:07d}.png")
+        self.log.tensorboard.add_image("samples", grid, self.step)
 
 
-class CSVLog:
-    """log.csv with a header; on resume, rows after the resumed step are dropped."""
+class LossSums:
+    """The loss terms summed on the device between log rows, and the first step whose total was not finite,
+    so that a step never waits for the device."""
 
-    def __init__(self, path, resume_step):
-        self.path = Path(path)
+    def __init__(self, device):
+        self.device, self.sums, self.count = device, {}, 0
+        self.first_bad = torch.full((), np.iinfo(np.int64).max, dtype=torch.int64, device=device)
+        self.tic = time.time()
+
+    def add(self, terms, weight, step):
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0) + value.detach().double() * weight
+        bad = ~torch.isfinite(terms["total"].detach())
+        self.first_bad = torch.where(bad, self.first_bad.clamp(max=step), self.first_bad)
+        self.count += weight
+
+    def first_bad_step(self, world):
+        first = self.first_bad.clone()
+        if world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = first.item()
+        return None if first == np.iinfo(np.int64).max else first
+
+    def take(self, world):
+        """(mean of each term over the steps since the last call and over the processes, steps per second)."""
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[name] for name in names])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        means = dict(zip(names, (values / round(self.count)).tolist()))
+        rate = round(self.count) / (time.time() - self.tic)
+        self.sums, self.count, self.tic = {}, 0, time.time()
+        return means, rate
+
+
+class Log:
+    """log.csv (LOG_COLUMNS; on resume, rows after the resumed step are dropped) and TensorBoard events."""
+
+    def __init__(self, out, resume_step):
+        from torch.utils.tensorboard import SummaryWriter
+        self.path = Path(out) / "log.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path) as f:
@@ -126,202 +345,18 @@ class CSVLog:
             writer = csv.DictWriter(f, LOG_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+        self.tensorboard = SummaryWriter(Path(out) / "tensorboard")
 
-    def write(self, row):
+    def write(self, step, means, lr, rate):
+        row = {"step": step, **{name: means.get(name, "") for name in LOSSES}, "lr": lr, "steps_per_s": rate}
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS, extrasaction="ignore").writerow(row)
+            csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+        for key, value in row.items():
+            if key != "step" and value != "":
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
 
-
-def setup_distributed():
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def build_data(cfg, split, signature):
-    d = cfg["data"]
-    pairs = PairDataset(d["root"], d["size"], split, scale_jitter=d["scale_jitter"])
-    if split == "train" and d["cache"]:
-        return CachedPairs(pairs, FeatureCache(d["cache"], signature))
-    return pairs
-
-
-@torch.no_grad()
-def sample_grid(ema, diffusion, encoders, fixed, cfg):
-    """source | target | skeleton | generated, one row per held-out pair, in [0, 1]."""
-    from torchvision.utils import make_grid
-    s = cfg["sample"]
-    fn = ema.guided(fixed["pose"], fixed["image"], fixed["source_latent"], s["cfg_scale"], s["scale_pow"])
-    generated = encoders.first_stage.decode(diffusion.ddim_sample(fn, fixed["z"], steps=s["steps"],
-                                                                  clip_denoised=s["clip_denoised"]))
-    columns = [fixed["source"], fixed["target"], fixed["skeleton"] * 2 - 1, generated.cpu()]
-    images = torch.stack(columns, dim=1).flatten(0, 1)
-    return make_grid(((images + 1) / 2).clamp(0, 1), nrow=len(columns))
-
-
-def fixed_samples(cfg, encoders, device):
-    """The first held-out test pairs with their conditions, computed once."""
-    test = PairDataset(cfg["data"]["root"], cfg["data"]["size"], "test")
-    items = [test[i] for i in range(min(cfg["sample"]["num_pairs"], len(test)))]
-    stack = lambda k: torch.stack([it[k] for it in items])
-    g = torch.Generator(device).manual_seed(cfg["train"]["seed"])
-    fs = encoders.first_stage
-    source_latent = fs.sample_from_moments(*fs.moments(stack("source").to(device)), generator=g)
-    return {"source": stack("source"), "target": stack("target"), "skeleton": stack("target_skeleton"),
-            "pose": encoders.pose(stack("target_pose_dino").to(device)),
-            "image": encoders.image(stack("source_dino").to(device)), "source_latent": source_latent,
-            "z": torch.randn(source_latent.shape, generator=g, device=device)}
-
-
-def train(cfg, out, resume=False):
-    rank, world, device = setup_distributed()
-    tc = cfg["train"]
-    out = Path(out)
-    ckpt_path = newest_checkpoint(out) if resume else None
-    if rank == 0:
-        if not resume and newest_checkpoint(out) is not None:
-            raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (out / "samples").mkdir(exist_ok=True)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path else None
-    if ckpt is not None:
-        diffs = config_differences(ckpt["config"], cfg)
-        if diffs:
-            raise ValueError(f"{out} holds a run of another config; refusing to resume:\n  " + "\n  ".join(diffs))
-
-    if tc["global_batch"] % (world * tc["grad_accum"]):
-        raise ValueError(f"train.global_batch {tc['global_batch']} must be divisible by processes x grad_accum "
-                         f"= {world} x {tc['grad_accum']}")
-    micro = tc["global_batch"] // (world * tc["grad_accum"])
-    seed = tc["seed"]
-    torch.manual_seed(seed + rank)
-    np.random.seed(seed + rank)
-    random.seed(seed + rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    signature = encoder_signature(cfg["encoders"], cfg["data"]["size"])
-    train_set = build_data(cfg, "train", signature)
-    encoders = build_encoders(cfg["encoders"], device)
-    model = XMDPT(**model_arch(cfg, encoders.pose_dim, encoders.image_dim)).to(device)
-    fixed = fixed_samples(cfg, encoders, device) if rank == 0 and tc["sample_every"] else None
-    if cfg["data"]["cache"]:
-        encoders.pose = encoders.image = None
-    ema = XMDPT(**model.arch).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        states = ckpt["rng"]
-        set_rng_state(states[rank] if len(states) == world else states[0])
-    diffusion = Diffusion(prediction=model.arch["prediction"])
-    objective = Objective(model, diffusion)
-    wrapped = DistributedDataParallel(objective) if world > 1 else objective
-
-    sampler = ResumableSampler(len(train_set), tc["global_batch"], seed, rank, world, start=step * tc["global_batch"])
-    loader = DataLoader(SeededDataset(train_set), batch_size=micro, sampler=sampler,
-                        num_workers=cfg["data"]["workers"], pin_memory=device.type == "cuda",
-                        generator=torch.Generator(), persistent_workers=False)
-    batches = iter(loader)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and tc["mixed_precision"] == "bf16")
-
-    log = writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        log = CSVLog(out / "log.csv", step)
-        writer = SummaryWriter(out / "tensorboard")
-
-    def save(at):
-        states = [rng_state()]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, rng_state())
-        if rank == 0:
-            atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "step": at, "config": cfg, "arch": model.arch, "rng": states},
-                        out / "checkpoints" / f"{at:07d}.pt")
-
-    bar = tqdm(total=tc["max_steps"], initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    sums, count, tic = {}, 0, time.time()
-    try:
-        while step < tc["max_steps"]:
-            opt.zero_grad(set_to_none=True)
-            terms_sum = {}
-            for micro_step in range(tc["grad_accum"]):
-                batch = next(batches)
-                with torch.no_grad():
-                    inputs = step_inputs(batch, encoders, device)
-                sync = world == 1 or micro_step == tc["grad_accum"] - 1
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast:
-                    terms = wrapped(*inputs)
-                (terms["total"] / tc["grad_accum"]).backward()
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float() / tc["grad_accum"]
-            names = sorted(terms_sum)
-            values = torch.stack([terms_sum[k] for k in names])
-            if world > 1:
-                dist.all_reduce(values)
-                values /= world
-            values = values.tolist()
-            if not all(np.isfinite(values)):
-                last = newest_checkpoint(out)
-                raise FloatingPointError(f"non-finite loss at step {step + 1}; stopping. The last good checkpoint "
-                                         f"is {last or 'none (no checkpoint written yet)'}")
-            if tc["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
-            opt.step()
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - tc["ema"])
-            step += 1
-            count += 1
-            bar.update(1)
-            for k, v in zip(names, values):
-                sums[k] = sums.get(k, 0.0) + v
-            if step % tc["log_every"] == 0 or step == tc["max_steps"]:
-                means = {k: v / count for k, v in sums.items()}
-                rate = count / (time.time() - tic)
-                row = {"step": step, "loss": means["total"], "mse": means["mse"], "vb": means["vb"],
-                       "m_loss": means.get("m_loss", ""), "m_mse": means.get("m_mse", ""),
-                       "m_vb": means.get("m_vb", ""), "lr": opt.param_groups[0]["lr"], "steps_per_s": rate}
-                if rank == 0:
-                    log.write(row)
-                    for k, v in row.items():
-                        if k != "step" and v != "":
-                            writer.add_scalar(f"train/{k}", v, step)
-                    bar.set_postfix(loss=f"{means['total']:.4f}")
-                sums, count, tic = {}, 0, time.time()
-            if step % tc["ckpt_every"] == 0 or step == tc["max_steps"]:
-                save(step)
-            if rank == 0 and tc["sample_every"] and step % tc["sample_every"] == 0:
-                from torchvision.utils import save_image
-                grid = sample_grid(ema, diffusion, encoders, fixed, cfg)
-                save_image(grid, out / "samples" / f"{step:07d}.png")
-                writer.add_image("samples", grid, step)
-    except KeyboardInterrupt:
-        save(step)
-        if rank == 0:
-            print(f"\ninterrupted: saved the checkpoint of step {step} in {out / 'checkpoints'}", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    return model, ema
+    def close(self):
+        self.tensorboard.close()
 
 
 def parse_args(argv=None):

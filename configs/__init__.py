@@ -2,19 +2,22 @@
 
 A config may start from another: `base: xmdpt_s.yaml` (relative to the file) is read first and the file's
 own sections are merged over it, key by key.
+
+The `model:` section is an XMDPTConfig: `preset` names one of XMDPT_CONFIGS, and every other key is one of
+its fields. The DINOv2 widths (pose_dim, image_dim) follow from the `encoders:` section.
 """
 import copy
-import inspect
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-# The sections and keys every config has; model keys are XMDPT arguments (checked against its signature).
+# The sections and keys every config has.
 SCHEMA = {
-    "model": {"arch"},
+    "model": {"preset"},
     "encoders": {"pose", "image", "first_stage"},
     "data": {"root", "size", "scale_jitter", "cache", "workers"},
     "train": {"global_batch", "lr", "weight_decay", "ema", "grad_accum", "grad_clip", "max_steps",
@@ -29,11 +32,6 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
                               list("-+0123456789"))
-
-
-def _model_keys():
-    from models import XMDPT
-    return {"arch"} | set(inspect.signature(XMDPT.__init__).parameters) - {"self"}
 
 
 def _parse_override(item):
@@ -80,25 +78,36 @@ def load_config(path, overrides=()):
 
 
 def check_config(cfg, source="config"):
+    """Every section and key of SCHEMA is there, and the model section makes a valid XMDPTConfig."""
     for section, keys in SCHEMA.items():
         if not isinstance(cfg.get(section), dict):
             raise ValueError(f"{source}: missing section {section!r}")
         missing = sorted(keys - set(cfg[section]))
         if missing:
             raise ValueError(f"{source}: missing keys in section {section!r}: {', '.join(missing)}")
-    unknown = sorted(set(cfg["model"]) - _model_keys())
+    try:
+        model_config(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def model_config(cfg):
+    """The XMDPTConfig of a config: its preset, with the model section's fields and the encoders' DINOv2 widths.
+    Nothing is built, so a checkpoint can be checked against it before any encoder is."""
+    from models import XMDPT_CONFIGS, XMDPTConfig
+    from models.encoders import dinov2_width
+    fields = dict(cfg["model"])
+    preset = fields.pop("preset")
+    if preset not in XMDPT_CONFIGS:
+        raise ValueError(f"model.preset {preset!r} is not one of {sorted(XMDPT_CONFIGS)}")
+    unknown = sorted(set(fields) - set(XMDPTConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"{source}: unknown model keys {unknown}; expected XMDPT arguments or 'arch'")
-
-
-def model_arch(cfg, pose_dim, image_dim):
-    """All XMDPT kwargs: its defaults, the named size from XMDPT_CONFIGS, the encoders' widths, the config's
-    overrides."""
-    from models import XMDPT, XMDPT_CONFIGS
-    name = cfg["model"]["arch"]
-    if name not in XMDPT_CONFIGS:
-        raise ValueError(f"model.arch {name!r} is not one of {sorted(XMDPT_CONFIGS)}")
-    defaults = {k: p.default for k, p in inspect.signature(XMDPT.__init__).parameters.items() if k != "self"}
-    arch = dict(defaults, **XMDPT_CONFIGS[name], pose_dim=pose_dim, image_dim=image_dim)
-    arch.update({k: v for k, v in cfg["model"].items() if k != "arch"})
-    return arch
+        raise ValueError(f"unknown model keys {unknown}; expected 'preset' or fields of XMDPTConfig: "
+                         f"{', '.join(XMDPTConfig.__dataclass_fields__)}")
+    for field, encoder in (("pose_dim", "pose"), ("image_dim", "image")):
+        variant = cfg["encoders"][encoder]["dinov2"]
+        width = dinov2_width(variant)
+        if fields.setdefault(field, width) != width:
+            raise ValueError(f"model.{field} {fields[field]} does not match encoders.{encoder}.dinov2 {variant} "
+                             f"(width {width})")
+    return replace(XMDPT_CONFIGS[preset], **fields)

@@ -6,18 +6,17 @@ moments (a fresh latent is sampled from them every step, as the online path does
 the pixels every step, so it cannot be cached: training with a cache requires data.scale_jitter = 0.
 """
 import json
-import os
 
-import lmdb
-import torch
 from safetensors.torch import load as load_bytes
 from torch.utils.data import Dataset
 
-META_KEY = b"__meta__"
+from data.lmdb import LMDBReader
+
+META_KEY = "__meta__"
 
 
 def cache_key(path, flip):
-    return f"{path}|{int(bool(flip))}".encode("utf-8")
+    return f"{path}|{int(bool(flip))}"
 
 
 def encoder_signature(encoders_cfg, size):
@@ -26,39 +25,23 @@ def encoder_signature(encoders_cfg, size):
 
 
 class FeatureCache:
-    """Read-only access to a cache LMDB, opened lazily in each process."""
+    """Read access to a cache made by scripts/cache_features.py, checked against the encoders' `signature`."""
 
     def __init__(self, path, signature=None):
-        self.path = str(path)
-        if not os.path.isfile(os.path.join(self.path, "data.mdb")):
-            raise FileNotFoundError(f"feature cache not found: {self.path} (make it with scripts/cache_features.py)")
-        self._env, self._pid = None, None
-        meta = json.loads(self._get(META_KEY, "metadata"))
+        self.lmdb = LMDBReader(path, "feature cache", hint="make it with python -m scripts.cache_features")
+        meta = json.loads(self.lmdb.get(META_KEY))
         if signature is not None and meta["signature"] != signature:
-            raise ValueError(f"feature cache {self.path} was made for {meta['signature']}, "
-                             f"but this run uses {signature}; rebuild it with scripts/cache_features.py")
-
-    def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_pid": None}
-
-    def _get(self, key, what):
-        if self._env is None or self._pid != os.getpid():
-            self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
-            self._pid = os.getpid()
-        with self._env.begin() as txn:
-            value = txn.get(key)
-        if value is None:
-            raise KeyError(f"feature cache {self.path} has no entry {key.decode()!r} ({what})")
-        return value
+            raise ValueError(f"feature cache {path} was made for {meta['signature']}, "
+                             f"but this run uses {signature}; rebuild it with python -m scripts.cache_features")
 
     def get(self, path, flip):
         """dict of float32 tensors: pose (257, dp), image (257, di), mean and logvar (C, h, w)."""
-        key = cache_key(path, flip)
-        return {k: v.float() for k, v in load_bytes(self._get(key, "image features")).items()}
+        return {k: v.float() for k, v in load_bytes(self.lmdb.get(cache_key(path, flip))).items()}
 
 
 class CachedPairs(Dataset):
-    """A PairDataset's pairs and augmentation choices, with cached features instead of pixels."""
+    """A PairDataset's pairs and augmentation choices, with cached features instead of pixels: the layout
+    `models.encoders.Encoders.features` gives for a batch of pixels."""
 
     def __init__(self, pairs, cache):
         if pairs.augment and pairs.scale_jitter > 0:
@@ -71,7 +54,6 @@ class CachedPairs(Dataset):
     def __getitem__(self, index):
         target, source, flip = self.pairs.choose(index)
         t, s = self.cache.get(target, flip), self.cache.get(source, flip)
-        return {"target_pose_tokens": t["pose"], "source_image_tokens": s["image"],
-                "target_mean": t["mean"], "target_logvar": t["logvar"],
+        return {"pose": t["pose"], "image": s["image"], "target_mean": t["mean"], "target_logvar": t["logvar"],
                 "source_mean": s["mean"], "source_logvar": s["logvar"],
                 "target_path": target, "source_path": source, "flip": flip}

@@ -13,24 +13,19 @@ low-resolution pictures (176 wide plus 40 pixel white borders), map onto it with
 
 import io
 import os
-import shutil
 from contextlib import ExitStack
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from data.pose import FLIP_JOINTS, MISSING, dino_input, draw_skeleton, load_keypoints, to_image_coords
-
-LMDB_MAP_SIZE = 1 << 40  # address space reserved by a writer; the file only grows as needed
-
-_READERS = {}  # (device, inode) of an LMDB's data.mdb -> its read-only environment in this process
+from data.lmdb import LMDBReader, LMDBWriter
+from data.pose import FLIP_JOINTS, MISSING, draw_skeleton, load_keypoints, to_image_coords
 
 
 def flat_name(path):
@@ -79,23 +74,22 @@ def read_pairs(path):
     return pairs
 
 
-def open_lmdb(path):
-    """The read-only, lock-free environment of the LMDB folder `path`, opened once per process.
-
-    The lmdb package refuses to open a file twice in one process, so every reader shares this one;
-    a forked DataLoader worker reuses the environment its parent had opened (safe without locks).
-    """
-    data = Path(path) / "data.mdb"
-    if not data.is_file():
-        raise FileNotFoundError(f"LMDB not found: {path} (expected {data})")
-    key = (data.stat().st_dev, data.stat().st_ino)
-    if key not in _READERS:
-        _READERS[key] = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
-    return _READERS[key]
+def decode_image(data, name, size=None):
+    """Encoded image bytes as a PIL RGB image, checked to be size x size when `size` is given; errors name
+    `name` (e.g. the LMDB and key)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{name} is not a readable image ({e})") from None
+    if size is not None and image.size != (size, size):
+        raise ValueError(f"{name} is {image.size[0]}x{image.size[1]}, expected {size}x{size}")
+    return image.convert("RGB")
 
 
 def to_tensor(image):
-    """A PIL RGB image as a float (3, H, W) tensor in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    """An RGB image (PIL, or a uint8 (H, W, 3) array) as a float (3, H, W) tensor in [-1, 1] (ToTensor then
+    Normalize(0.5, 0.5))."""
     return (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
 
 
@@ -112,8 +106,7 @@ class PairDataset(Dataset):
     right limbs. With `swap_lr=True` (default) left and right joints are swapped before drawing, so the
     mirrored skeleton keeps its colours anatomically right; `swap_lr=False` reproduces the released code.
 
-    The LMDB is opened lazily, on the first read in each process (`open_lmdb`), so the dataset pickles
-    and works with DataLoader workers.
+    Images come from the LMDB through `data.lmdb.LMDBReader`, so the dataset works in DataLoader workers.
     """
 
     def __init__(self, root, size=256, split="train", augment=None, scale_jitter=0.05, swap_lr=True):
@@ -130,39 +123,15 @@ class PairDataset(Dataset):
         self.scale_jitter = scale_jitter
         self.swap_lr = swap_lr
         self.pairs = read_pairs(self.root / f"{split}_pairs.txt")
-        self.lmdb_path = self.root / f"{size}-{size}"
-        if not (self.lmdb_path / "data.mdb").is_file():
-            raise FileNotFoundError(f"LMDB not found: {self.lmdb_path} (expected {self.lmdb_path}/data.mdb; "
-                                    f"make it with scripts/prepare_deepfashion.py --sizes {size})")
-        self._env = None
+        self.images = open_images(self.root, size)
 
     def __len__(self):
         return len(self.pairs)
 
-    def __getstate__(self):
-        return {**self.__dict__, "_env": None}
-
-    def _read(self, key):
-        if self._env is None:
-            self._env = open_lmdb(self.lmdb_path)
-        with self._env.begin() as txn:
-            value = txn.get(key.encode("utf-8"))
-        if value is None:
-            raise KeyError(f"key {key!r} not found in LMDB {self.lmdb_path}")
-        return value
-
     def read_image(self, path):
         """The image of `path` from the LMDB as a PIL RGB image, checked to be size x size."""
         key = image_key(path)
-        try:
-            image = Image.open(io.BytesIO(self._read(key)))
-            image.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"LMDB {self.lmdb_path}: value of key {key!r} is not a readable image ({e})") from None
-        if image.size != (self.size, self.size):
-            raise ValueError(f"LMDB {self.lmdb_path}: image {key!r} is {image.size[0]}x{image.size[1]}, "
-                             f"expected {self.size}x{self.size}")
-        return image.convert("RGB")
+        return decode_image(self.images.get(key), f"LMDB {self.images.path}: image {key!r}", self.size)
 
     def load_image(self, path):
         """The image of `path` as a float (3, S, S) tensor in [-1, 1], not augmented."""
@@ -226,8 +195,6 @@ class PairDataset(Dataset):
             "target": target_image,
             "source": source_image,
             "target_skeleton": target_skeleton,
-            "target_pose_dino": dino_input(target_skeleton),
-            "source_dino": dino_input(source_image),
             "name": pair_name(source, target),
             "target_path": target,
             "source_path": source,
@@ -235,49 +202,40 @@ class PairDataset(Dataset):
         }
 
 
-class LMDBWriter:
-    """Writes an LMDB at `{path}.partial` and renames it to `path` on `close()`, so that a half-written
-    LMDB never looks complete. Leaving a `with` block by an exception removes the partial one."""
+def open_images(root, size):
+    """The LMDB of the size x size images of a dataset root, `{root}/{size}-{size}/`."""
+    return LMDBReader(Path(root) / f"{size}-{size}", "LMDB",
+                      hint=f"make it with python -m scripts.prepare_deepfashion --sizes {size}")
 
-    def __init__(self, path, overwrite=False, commit_every=1000):
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists (pass overwrite=True / --overwrite to replace it)")
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(self.partial), map_size=LMDB_MAP_SIZE, readahead=False, meminit=False)
-        self.txn = self.env.begin(write=True)
-        self.commit_every = commit_every
-        self.pending = 0
 
-    def put(self, key, value):
-        self.txn.put(key.encode("utf-8"), value)
-        self.pending += 1
-        if self.pending == self.commit_every:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
-            self.pending = 0
+def listed_keys(images, image_list):
+    """The LMDB keys of the images of an image list such as train.lst, whose lines are image paths or flat
+    names (`flat_name` + extension): each is matched to the stored path it names. Missing ones are an error."""
+    stored = images.keys()
+    index = {key: key for key in stored}
+    index.update({image_key(flat_name(key)): key for key in stored if key.startswith("img/")})
+    wanted = [image_key(line.strip()) for line in Path(image_list).read_text().splitlines() if line.strip()]
+    missing = [name for name in wanted if name not in index]
+    if missing:
+        raise KeyError(f"{len(missing)} of the {len(wanted)} images of {image_list} are not in the LMDB "
+                       f"{images.path} (first: {', '.join(missing[:3])})")
+    return [index[name] for name in wanted]
 
-    def close(self):
-        self.txn.commit()
-        self.env.close()
-        shutil.rmtree(self.path, ignore_errors=True)
-        os.replace(self.partial, self.path)
 
-    def abort(self):
-        self.txn.abort()
-        self.env.close()
-        shutil.rmtree(self.partial, ignore_errors=True)
+class ImageList(Dataset):
+    """The images of `keys` in an LMDB (`open_images`), each turned into a sample by `transform(rgb)`, rgb a
+    uint8 (S, S, 3) array."""
 
-    def __enter__(self):
-        return self
+    def __init__(self, images, keys, transform, size=None):
+        self.images, self.keys, self.transform, self.size = images, list(keys), transform, size
 
-    def __exit__(self, kind, value, traceback):
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        key = self.keys[i]
+        image = decode_image(self.images.get(key), f"LMDB {self.images.path}: image {key!r}", self.size)
+        return self.transform(np.asarray(image))
 
 
 def pair_images(root):

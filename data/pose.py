@@ -1,4 +1,4 @@
-"""Pose keypoints: loading, the DeepFashion coordinate convention, skeleton rendering, DINOv2 inputs.
+"""Pose keypoints: loading, the DeepFashion coordinate convention, skeleton rendering.
 
 Keypoints are 18 OpenPose COCO-18 joints, an (18, 2) array of (x, y) with (-1, -1) for a missing joint:
 0 nose, 1 neck, 2-4 right shoulder/elbow/wrist, 5-7 left shoulder/elbow/wrist, 8-10 right hip/knee/ankle,
@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 NUM_JOINTS = 18
 MISSING = -1.0
@@ -40,7 +39,6 @@ RAW_BORDER = 40.0
 RAW_WIDTH = 176.0
 RAW_HEIGHT = 256.0
 
-DINO_SIZE = 224
 
 
 def load_keypoints(path, min_confidence=0.1):
@@ -167,17 +165,3 @@ def draw_skeleton(keypoints, size):
     skeleton = torch.from_numpy(np.ascontiguousarray(canvas[:, :, ::-1])).permute(2, 0, 1).float() / 255
     peak = skeleton.max()
     return skeleton / peak if peak > 0 else skeleton
-
-
-def dino_input(x):
-    """Resize images (3, H, W) or (N, 3, H, W) to the DINOv2 input size, 224x224.
-
-    Bicubic without antialiasing, as torchvision 0.13's tensor `Resize` did in training. Values are kept
-    as they are: images in [-1, 1] and skeletons in [0, 1], with no ImageNet normalisation.
-    """
-    if x.dim() not in (3, 4) or x.shape[-3] != 3:
-        raise ValueError(f"dino_input expects (3, H, W) or (N, 3, H, W), got {tuple(x.shape)}")
-    batch = x.float().unsqueeze(0) if x.dim() == 3 else x.float()
-    out = F.interpolate(batch, size=(DINO_SIZE, DINO_SIZE), mode="bicubic", align_corners=False,
-                        antialias=False)
-    return out[0] if x.dim() == 3 else out

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.deepfashion import LMDBWriter, flat_name, image_key, pose_file
+from data.deepfashion import flat_name, image_key, pose_file
+from data.lmdb import LMDBWriter
 from data.pose import MISSING, NUM_JOINTS, RAW_HEIGHT, RAW_WIDTH, from_image_coords
 
 # DeepFashion's view numbers and names (img/.../01_1_front.jpg); a sixth pose starts a second outfit.

@@ -1,6 +1,6 @@
 """FID, SSIM, PSNR and LPIPS of generated DeepFashion images, with the PIDM/GFLA protocol (or CFLD's).
 
-    python eval/fid_ssim_lpips.py --generated out/ --target test_256/ --real-train datasets/deepfashion \
+    python -m eval.fid_ssim_lpips --generated out/ --target test_256/ --real-train datasets/deepfashion \
         --stats-cache ~/.cache/xmdpt --json metrics.json
 
 The metric definitions are in eval/metrics.py; this file finds the images, runs the passes and reports.
@@ -9,21 +9,19 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
 import cv2
-import lmdb
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-if not __package__:  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.deepfashion import flat_name, image_key
+from data.deepfashion import ImageList, listed_keys
+from data.files import atomic_path
+from data.lmdb import LMDBReader
 from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
                           build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance, lpips_input,
                           network_fingerprint, paired_scores)
@@ -117,57 +115,22 @@ class ImageFiles(Dataset):
         return digest.hexdigest()
 
 
-def open_lmdb(db_dir):
-    return lmdb.open(str(db_dir), readonly=True, lock=False, readahead=False, meminit=False)
-
-
-class LmdbImages(Dataset):
-    """PNG images stored in a DeepFashion LMDB under the given (existing) keys."""
-
-    def __init__(self, db_dir, keys, transform):
-        self.db_dir, self.keys, self.transform = Path(db_dir), list(keys), transform
-        self.env = None  # opened lazily, once per DataLoader worker
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        if self.env is None:
-            self.env = open_lmdb(self.db_dir)
-        with self.env.begin() as txn:
-            return self.transform(decode_rgb(txn.get(self.keys[i].encode()), self.keys[i]))
+class LmdbImages(ImageList):
+    """The images of an image list in a DeepFashion LMDB (data.deepfashion.ImageList), with a fingerprint."""
 
     def fingerprint(self):
         """The keys, the length of each value, and data.mdb's size and modification time."""
-        stat = (self.db_dir / "data.mdb").stat()
+        stat = (self.images.path / "data.mdb").stat()
         digest = hashlib.sha1(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        with open_lmdb(self.db_dir) as env, env.begin(buffers=True) as txn:
-            for key in self.keys:
-                digest.update(f"{key}\0{len(txn.get(key.encode()))}\n".encode())
+        for key, size in zip(self.keys, self.images.value_sizes(self.keys)):
+            digest.update(f"{key}\0{size}\n".encode())
         return digest.hexdigest()
-
-
-def lmdb_keys(db_dir, image_list):
-    """The LMDB keys of the images of `image_list` (train.lst), whose lines are image paths or flat names.
-
-    The LMDB stores each image under its path with a .png extension (data.deepfashion.image_key); a flat name
-    (data.deepfashion.flat_name) is matched to the stored path it comes from. Missing images are an error.
-    """
-    with open_lmdb(db_dir) as env, env.begin() as txn:
-        stored = [key.decode() for key in txn.cursor().iternext(keys=True, values=False)]
-    index = {key: key for key in stored}
-    index.update({image_key(flat_name(key)): key for key in stored if key.startswith("img/")})
-    wanted = [image_key(line.strip()) for line in image_list.read_text().splitlines() if line.strip()]
-    missing = [name for name in wanted if name not in index]
-    if missing:
-        raise KeyError(f"{len(missing)} of the {len(wanted)} images of {image_list} are not in the LMDB {db_dir} "
-                       f"(first: {', '.join(missing[:3])}); pass a folder of the training images instead")
-    return [index[name] for name in wanted]
 
 
 def open_real_images(path, size, transform):
     """The FID real set: a folder of images, an LMDB folder `{root}/{size}-{size}` with `{root}/train.lst`,
-    or `{root}` itself (the LMDB of `--size` is used)."""
+    or `{root}` itself (the LMDB of `--size` is used). train.lst holds image paths or flat names; the LMDB
+    stores each image under its path with a .png extension (data.deepfashion.listed_keys)."""
     path = Path(path)
     if (path / "data.mdb").is_file():
         db_dir, image_list = path, path.parent / "train.lst"
@@ -178,10 +141,14 @@ def open_real_images(path, size, transform):
         if not images:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
         return ImageFiles(images, transform)
-    for needed in (db_dir / "data.mdb", image_list):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} not found (needed for the LMDB real set)")
-    return LmdbImages(db_dir, lmdb_keys(db_dir, image_list), transform)
+    if not image_list.is_file():
+        raise FileNotFoundError(f"{image_list} not found (needed for the LMDB real set)")
+    images = LMDBReader(db_dir, "LMDB real set")
+    try:
+        keys = listed_keys(images, image_list)
+    except KeyError as e:
+        raise KeyError(f"{e.args[0]}; pass a folder of the training images instead") from None
+    return LmdbImages(images, keys, transform)
 
 
 # ----------------------------------------------------------------------------- passes
@@ -214,8 +181,7 @@ def real_statistics(dataset, extractor, args):
         print(f"FID real statistics: loaded from {cache}")
         return *cached, count
     mu, sigma = feature_statistics(extract_features(dataset, extractor, count, args, "FID real"))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache, "wb") as f:
+    with atomic_path(cache) as staged, open(staged, "wb") as f:
         np.savez(f, key=key, mu=mu, sigma=sigma)
     print(f"FID real statistics: saved to {cache}")
     return mu, sigma, count

@@ -1,5 +1,5 @@
-from .checkpoint import load_checkpoint, save_safetensors
+from .checkpoint import export, load_checkpoint, read_checkpoint
 from .diffusion import Diffusion
-from .xmdpt import XMDPT, XMDPT_CONFIGS
+from .xmdpt import XMDPT, XMDPT_CONFIGS, XMDPTConfig
 
-__all__ = ["XMDPT", "XMDPT_CONFIGS", "Diffusion", "load_checkpoint", "save_safetensors"]
+__all__ = ["XMDPT", "XMDPTConfig", "XMDPT_CONFIGS", "Diffusion", "load_checkpoint", "read_checkpoint", "export"]

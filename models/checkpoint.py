@@ -1,18 +1,28 @@
-"""Loading X-MDPT weights: released state dicts, our training checkpoints and safetensors exports.
+"""One way to load X-MDPT weights, from every file that holds them:
 
-Released files (e.g. `ema_0.9999_300000.pt`) are plain state dicts in the original key layout; they are
-recognised by their key names, renamed to ours, and loaded strictly. Their `relative_position_index`
-buffers are checked against ours and dropped. The architecture is read from the tensors' shapes unless
-given (the released files do not record `decode_layer`, which is 2 for every released model).
+- a released state dict (.pt, e.g. `ema_0.9999_300000.pt`): recognised by its key names and renamed to ours;
+  its config is read off the tensors' shapes (`config_from_state_dict`). Their `relative_position_index`
+  buffers are checked against ours and dropped;
+- our training checkpoint (.pt, train_xmdpt.py): its EMA weights (or the trained ones) and saved config;
+- an export: a Hugging Face folder (config.json + model.safetensors, written by `XMDPT.save_pretrained` or
+  `export`), or a .safetensors file whose config is in its metadata or in a config.json beside it.
+
+`read_checkpoint` reads weights and config without building anything, so that a caller can check the file
+against the config it expects (`check_fits`) before it builds the encoders; `load_checkpoint` builds the model
+and loads it strictly.
 """
 import json
-import os
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .xmdpt import XMDPT
+from data.files import atomic_path
+from .tdnet import RelativePositionBias
+from .xmdpt import TRAINING_ONLY, XMDPT, XMDPTConfig
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"  # the Hugging Face layout
 
 _RELEASED_RENAMES = [
     (r"^(x_embedder|t_embedder|blocks|final_layer)\.", r"tdnet.\1."),
@@ -40,7 +50,7 @@ def convert_released_state_dict(state_dict):
     for key, value in state_dict.items():
         if key.endswith("relative_position_index"):
             grid = int(round(value.shape[0] ** 0.5))
-            expected = _relative_position_index(grid)
+            expected = RelativePositionBias(grid, 1).index
             if value.shape != expected.shape or not torch.equal(value.long(), expected):
                 raise ValueError(f"released checkpoint: {key} is not the standard relative position index "
                                  f"for a {grid}x{grid} grid")
@@ -51,19 +61,13 @@ def convert_released_state_dict(state_dict):
     return out
 
 
-def _relative_position_index(grid):
-    from .tdnet import RelativePositionBias
-    return RelativePositionBias(grid, 1).index
-
-
-def infer_arch(state_dict):
-    """XMDPT kwargs read off the shapes of a state dict in our key layout (and prediction='eps', which
-    shapes do not show: the released models predict eps)."""
+def config_from_state_dict(state_dict):
+    """The XMDPTConfig of a state dict in our key layout, read off its tensors' shapes. What shapes do not show
+    keeps XMDPTConfig's default, that of every released model: decode_layer 2, mask_ratio 0.3, cond_drop 0.1,
+    and eps prediction."""
     pos = state_dict["tdnet.pos_embed"]
     proj = state_dict["tdnet.x_embedder.proj.weight"]
     hidden, patch, in_ch = pos.shape[2], proj.shape[2], proj.shape[1]
-    grid = int(round(pos.shape[1] ** 0.5))
-    depth = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("tdnet.blocks."))
     has = lambda prefix: any(k.startswith(prefix) for k in state_dict)
     mipnet = "-".join(n for n, p in (("self", "mipnet.self_block."), ("cross", "mipnet.cross_block."))
                       if has(p)) or "none"
@@ -72,20 +76,33 @@ def infer_arch(state_dict):
         aggregation = "local"
     elif not has("canet.local."):
         aggregation = "global"
-    arch = dict(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
-                num_heads=state_dict["tdnet.blocks.0.attn.rel_pos_bias.table"].shape[1],
-                mlp_ratio=state_dict["tdnet.blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-                learn_sigma=state_dict["tdnet.final_layer.linear.weight"].shape[0] == 2 * in_ch * patch * patch,
-                pose_dim=state_dict["canet.pose.proj.0.weight"].shape[1],
-                dino_tokens=state_dict["canet.pose.pool.0.weight"].shape[1],
-                mipnet=mipnet, aggregation=aggregation, prediction="eps")
-    if has("canet.glob."):
-        arch["image_dim"] = state_dict["canet.glob.proj.0.weight"].shape[1]
-    return arch
+    widths = {"image_dim": state_dict["canet.glob.proj.0.weight"].shape[1]} if has("canet.glob.") else {}
+    return XMDPTConfig(
+        input_size=int(round(pos.shape[1] ** 0.5)) * patch, patch_size=patch, in_channels=in_ch,
+        hidden_size=hidden, depth=1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("tdnet.blocks.")),
+        num_heads=state_dict["tdnet.blocks.0.attn.rel_pos_bias.table"].shape[1],
+        mlp_ratio=state_dict["tdnet.blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        learn_sigma=state_dict["tdnet.final_layer.linear.weight"].shape[0] == 2 * in_ch * patch * patch,
+        pose_dim=state_dict["canet.pose.proj.0.weight"].shape[1],
+        dino_tokens=state_dict["canet.pose.pool.0.weight"].shape[1], mipnet=mipnet, aggregation=aggregation,
+        **widths)
 
 
-def _read(path):
+@dataclass
+class Checkpoint:
+    """Weights in our key layout and the config they belong to; `contents` is the whole of one of our training
+    checkpoints (optimizer, step, RNG states, run config), for resuming, and None for other files."""
+    path: str
+    weights: dict
+    config: XMDPTConfig
+    contents: dict | None = None
+
+
+def _load_file(path):
+    """A checkpoint file or folder as (tensors or checkpoint dict, config dict or None)."""
     path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -93,24 +110,37 @@ def _read(path):
         from safetensors.torch import load_file
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        return {"model": load_file(str(path)), "arch": json.loads(meta["arch"]) if "arch" in meta else None}
+        beside = path.with_name(CONFIG_NAME)
+        config = json.loads(meta["config"]) if "config" in meta else \
+            json.loads(beside.read_text()) if beside.is_file() else None
+        return load_file(str(path)), config
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e
 
 
-def extract_state_dict(ckpt, use_ema=True):
-    """(state dict in our keys, arch or None) from any supported checkpoint object."""
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
-    if "model" in ckpt and isinstance(ckpt["model"], dict):
-        state = ckpt["ema"] if use_ema and isinstance(ckpt.get("ema"), dict) else ckpt["model"]
-        arch = ckpt.get("arch") or (ckpt.get("config") or {}).get("arch")
-        return dict(state), arch
-    if is_released_state_dict(ckpt):
-        return convert_released_state_dict(ckpt), None
-    return dict(ckpt), None
+def read_checkpoint(src, use_ema=True):
+    """A `Checkpoint` of a path (any format above) or of an already loaded state dict. use_ema picks the EMA
+    weights of our training checkpoints. Nothing is built."""
+    name = str(src) if isinstance(src, (str, Path)) else "checkpoint"
+    data, config = _load_file(src) if isinstance(src, (str, Path)) else (src, None)
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: a checkpoint must be a dict, got {type(data).__name__}")
+    if "model" in data and "model_config" in data:  # our training checkpoint
+        weights = data["ema"] if use_ema else data["model"]
+        return Checkpoint(name, dict(weights), XMDPTConfig(**data["model_config"]), data)
+    weights = convert_released_state_dict(data) if is_released_state_dict(data) else dict(data)
+    return Checkpoint(name, weights, XMDPTConfig(**config) if config else config_from_state_dict(weights))
+
+
+def check_fits(config, expected, source, wanted="the config"):
+    """ValueError listing every field in which a checkpoint's config differs from the expected one, but for
+    those that only change training (a checkpoint exported without MIPNet fits a config with it)."""
+    diffs = [f"{k}: {config[k]} in the checkpoint, {expected[k]} in {wanted}" for k in config
+             if k not in TRAINING_ONLY and config[k] != expected[k]]
+    if diffs:
+        raise ValueError(f"{source} does not fit {wanted}:\n  " + "\n  ".join(diffs))
 
 
 def strict_load(model, state_dict, source="checkpoint"):
@@ -121,7 +151,7 @@ def strict_load(model, state_dict, source="checkpoint"):
     shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
     if missing or unexpected or shapes:
-        lines = [f"{source} does not match the model architecture {getattr(model, 'arch', '')}"]
+        lines = [f"{source} does not match the model architecture {dict(model.config)}"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("shape mismatches", shapes)):
             if items:
@@ -131,36 +161,23 @@ def strict_load(model, state_dict, source="checkpoint"):
     return model
 
 
-def read_checkpoint(src, use_ema=True):
-    """(state dict in our keys, arch, whether the arch was saved in the file) of a path or loaded dict;
-    an arch not saved (released files) is read off the tensors' shapes."""
-    ckpt = _read(src) if isinstance(src, (str, os.PathLike)) else src
-    state_dict, saved_arch = extract_state_dict(ckpt, use_ema)
-    return state_dict, saved_arch or infer_arch(state_dict), saved_arch is not None
-
-
-def load_checkpoint(src, model=None, arch=None, use_ema=True):
-    """Load weights into `model` (or a new XMDPT built from `arch`, the checkpoint's own arch, or the
-    shapes of its tensors) strictly; returns the model in eval mode.
-
-    src: a path (.pt/.pth released state dict or our training checkpoint, .safetensors export) or an
-    already loaded dict. use_ema picks the EMA weights of our training checkpoints.
-    """
-    name = str(src) if isinstance(src, (str, os.PathLike)) else "checkpoint"
-    state_dict, own_arch, _ = read_checkpoint(src, use_ema)
-    model = model if model is not None else XMDPT(**(arch or own_arch))
-    strict_load(model, state_dict, name)
+def load_checkpoint(src, model=None, config=None, use_ema=True):
+    """Load weights into `model` (or a new XMDPT built from `config`, else from the checkpoint's own config)
+    strictly; returns the model in eval mode. src: a path (any format above) or a loaded state dict."""
+    ckpt = read_checkpoint(src, use_ema)
+    model = model if model is not None else XMDPT(config or ckpt.config)
+    strict_load(model, ckpt.weights, ckpt.path)
     return model.eval()
 
 
-def save_safetensors(model, path, inference_only=False, dtype=torch.float32):
-    """Export weights with the architecture in the file's metadata, written atomically. inference_only
-    drops MIPNet (training only), recording mipnet='none' in the architecture."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    arch = dict(model.arch, mipnet="none") if inference_only else model.arch
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
-               if not (inference_only and k.startswith("mipnet."))}
-    save_file(tensors, str(tmp), metadata={"arch": json.dumps(arch)})
-    os.replace(tmp, path)
+def export(model, path, inference_only=True, dtype=torch.float32):
+    """Write `model`'s weights in the Hugging Face layout (config.json + model.safetensors) to the folder `path`,
+    atomically, as `dtype`. inference_only drops MIPNet, which only trains, and records mipnet='none'."""
+    config = replace(model.config, mipnet="none") if inference_only else model.config
+    with torch.device("meta"):
+        out = XMDPT(config)  # no memory, no random numbers: the weights are assigned below
+    weights = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if k in out.state_dict()}
+    out.load_state_dict(weights, assign=True)
+    with atomic_path(path) as staged:
+        out.save_pretrained(staged)
+    return Path(path)

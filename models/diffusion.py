@@ -1,12 +1,14 @@
 """The Gaussian diffusion of X-MDPT (as in ADM/DiT): linear betas, epsilon prediction, learned-range
 variance, the hybrid MSE + VLB loss, and the DDIM sampler stepping exactly between the kept timesteps.
 
-`prediction="v"` (not in the paper) trains the first output channels on v = sqrt(a) eps - sqrt(1 - a) x0
-(Salimans & Ho, 2022) instead of eps, a = alpha_bar_t; everything else reads eps = sqrt(a) v + sqrt(1 - a) x_t
-back from it. Epsilon prediction amplifies its error by 1 / sqrt(a), about 160x at t = 999, so a small
-pixel-space model needs far fewer steps with v to draw coherent images.
+What the model's first output channels predict travels with it: `prediction_of(model)` reads the model's (or
+its guided denoiser's) `prediction`, "eps" for a plain function. "v" (not in the paper) trains them on
+v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho, 2022) instead of eps, a = alpha_bar_t; everything else reads
+eps = sqrt(a) v + sqrt(1 - a) x_t back from it. Epsilon prediction amplifies its error by 1 / sqrt(a), about
+160x at t = 999, so a small pixel-space model needs far fewer steps with v to draw coherent images.
 
-Schedule arrays are float64; each coefficient is taken at t and cast to float32 before use, as ADM does.
+Schedule arrays are float64; each coefficient is taken at t as float32 before use, as ADM does, from a table
+kept on the device (so no step copies the schedule there).
 """
 import math
 
@@ -53,14 +55,21 @@ def sampling_timesteps(num_timesteps, steps):
     return kept
 
 
+NUM_TIMESTEPS = 1000
 PREDICTIONS = ("eps", "v")
 
 
+def prediction_of(model):
+    """What the first output channels of `model` (an XMDPT, its guided denoiser, or any function) predict."""
+    prediction = getattr(model, "prediction", "eps")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
 class Diffusion:
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps"):
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        self.num_timesteps, self.prediction = num_timesteps, prediction
+    def __init__(self, num_timesteps=NUM_TIMESTEPS, beta_start=1e-4, beta_end=0.02):
+        self.num_timesteps = num_timesteps
         scale = 1000 / num_timesteps
         betas = np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
         self.betas = betas
@@ -76,12 +85,14 @@ class Diffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod)
         self.log_betas = np.log(betas)
+        self._tables = {}
 
-    @staticmethod
-    def _at(arr, t, x):
+    def _at(self, arr, t, x):
         """arr[t] as float32, shaped to broadcast over x."""
-        values = torch.from_numpy(arr).to(t.device)[t].float()
-        return values.view(-1, *([1] * (x.ndim - 1)))
+        key = (id(arr), t.device)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(arr).float().to(t.device)
+        return self._tables[key][t].view(-1, *([1] * (x.ndim - 1)))
 
     def sample_timesteps(self, n, device=None, generator=None):
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
@@ -92,9 +103,9 @@ class Diffusion:
     def predict_x0(self, x_t, t, eps):
         return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
-    def eps_from(self, pred, x_t, t):
-        """eps from the model's prediction (the first output channels)."""
-        if self.prediction == "eps":
+    def eps_from(self, pred, x_t, t, prediction):
+        """eps from the model's prediction (the first output channels), eps or v."""
+        if prediction == "eps":
             return pred
         a, s = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         return a * pred + s * x_t
@@ -116,7 +127,9 @@ class Diffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model, x0, t, model_kwargs=None, noise=None):
-        """Per-sample `mse` (of eps, or of v), `vb` (VLB with the mean frozen, trains the variance) and `loss`."""
+        """Per-sample `mse` (of eps, or of v: `prediction_of(model)`), `vb` (VLB with the mean frozen, trains the
+        variance) and `loss`."""
+        prediction = prediction_of(model)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
@@ -127,26 +140,27 @@ class Diffusion:
                              f"got {out.shape[1]}")
         pred, var_values = out.split(channels, dim=1)
         target = noise
-        if self.prediction == "v":
+        if prediction == "v":
             a, s = self._at(self.sqrt_alphas_cumprod, t, x0), self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
             target = a * noise - s * x0
-        vb = self.vb_terms_bpd(self.eps_from(pred.detach(), x_t, t), var_values, x0, x_t, t)
+        vb = self.vb_terms_bpd(self.eps_from(pred.detach(), x_t, t, prediction), var_values, x0, x_t, t)
         mse = mean_flat((target - pred) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     @torch.no_grad()
     def ddim_sample(self, model_fn, z, steps=50, progress=False, clip_denoised=False):
         """Deterministic DDIM (eta = 0) from noise z over `steps` kept timesteps; the last step lands on
-        alpha_bar = 1. model_fn(x, t) gets the original timesteps and returns the prediction (eps or v) in
-        its first channels.
+        alpha_bar = 1. model_fn(x, t) gets the original timesteps and returns the prediction (eps, or v as
+        `prediction_of(model_fn)` says) in its first channels.
         clip_denoised clamps each x0 prediction to [-1, 1] (for pixel-space models; the released latent
         models sample without it)."""
         kept = sampling_timesteps(self.num_timesteps, steps)
+        prediction = prediction_of(model_fn)
         x = z
         channels = z.shape[1]
         for i in tqdm(range(steps - 1, -1, -1), disable=not progress, desc="DDIM"):
             t = torch.full((z.shape[0],), kept[i], dtype=torch.long, device=z.device)
-            eps = self.eps_from(model_fn(x, t)[:, :channels].to(x.dtype), x, t)
+            eps = self.eps_from(model_fn(x, t)[:, :channels].to(x.dtype), x, t, prediction)
             x0 = self.predict_x0(x, t, eps)
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
@@ -163,9 +177,10 @@ class Diffusion:
                                                 prediction_type="epsilon", algorithm_type="dpmsolver++",
                                                 solver_order=2)
         scheduler.set_timesteps(steps, device=z.device)
+        prediction = prediction_of(model_fn)
         x = z
         for t in tqdm(scheduler.timesteps, disable=not progress, desc="DPM-Solver++"):
             t_batch = t.expand(z.shape[0]).to(z.device)
-            eps = self.eps_from(model_fn(x, t_batch)[:, :z.shape[1]].to(x.dtype), x, t_batch)
+            eps = self.eps_from(model_fn(x, t_batch)[:, :z.shape[1]].to(x.dtype), x, t_batch, prediction)
             x = scheduler.step(eps, t, x).prev_sample
         return x

@@ -13,11 +13,12 @@ from diffusers.models import AutoencoderKL
 from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-DINOV2_ARCHS = {
-    "vits14": "vit_small_patch14_dinov2",
-    "vitb14": "vit_base_patch14_dinov2",
-    "vitl14": "vit_large_patch14_dinov2",
-    "vitg14": "vit_giant_patch14_dinov2",
+# DINOv2 variants: the timm architecture and the width of its tokens.
+DINOV2 = {
+    "vits14": ("vit_small_patch14_dinov2", 384),
+    "vitb14": ("vit_base_patch14_dinov2", 768),
+    "vitl14": ("vit_large_patch14_dinov2", 1024),
+    "vitg14": ("vit_giant_patch14_dinov2", 1536),
 }
 DINOV2_SIZE = 224  # input resolution of the released models: 16x16 patches of 14 pixels
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as the released models were trained with
@@ -43,20 +44,38 @@ class Frozen(nn.Module):
 # DINOv2
 # ---------------------------------------------------------------------------------------------------------
 
-def check_dinov2_weights(arch, weights):
-    """Validate a DINOv2 entry before anything is built: a known arch, and an existing file or "random"."""
-    if arch not in DINOV2_ARCHS:
-        raise ValueError(f"unknown DINOv2 arch {arch!r}; expected one of {sorted(DINOV2_ARCHS)}")
+def dinov2_width(variant):
+    """The token width of a DINOv2 variant (vits14, vitb14, vitl14, vitg14)."""
+    if variant not in DINOV2:
+        raise ValueError(f"unknown DINOv2 variant {variant!r}; expected one of {sorted(DINOV2)}")
+    return DINOV2[variant][1]
+
+
+def check_dinov2_weights(variant, weights):
+    """Validate a DINOv2 entry before anything is built: a known variant, and an existing file or "random"."""
+    dinov2_width(variant)
     if weights == "random":
         return
     if weights is None:
-        raise ValueError(f"DINOv2 {arch}: weights must be a local file, or 'random' (tests and demo only)")
+        raise ValueError(f"DINOv2 {variant}: weights must be a local file, or 'random' (tests and demo only)")
     if not Path(weights).is_file():
         raise FileNotFoundError(
-            f"DINOv2 {arch} weights not found: {weights}. Get the original checkpoint from "
-            f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}_pretrain.pth "
-            f"(facebookresearch/dinov2), or use timm's {DINOV2_ARCHS[arch]}.lvd142m safetensors file."
+            f"DINOv2 {variant} weights not found: {weights}. Get the original checkpoint from "
+            f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{variant}/dinov2_{variant}_pretrain.pth "
+            f"(facebookresearch/dinov2), or use timm's {DINOV2[variant][0]}.lvd142m safetensors file."
         )
+
+
+def dino_input(x):
+    """Images (N, 3, H, W) resized to the DINOv2 input size, 224x224, as float32.
+
+    Bicubic without antialiasing, as torchvision 0.13's tensor `Resize` did in training. Values are kept
+    as they are: images in [-1, 1] and skeletons in [0, 1], with no ImageNet normalisation.
+    """
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"DINOv2 expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
+    return F.interpolate(x.float(), size=(DINOV2_SIZE, DINOV2_SIZE), mode="bicubic", align_corners=False,
+                         antialias=False)
 
 
 def resample_pos_embed(pos_embed, grid):
@@ -94,15 +113,15 @@ def load_dinov2_state_dict(path, net):
 class DINOv2(Frozen):
     """DINOv2 tokens at 224x224: (N, 257, dim), the CLS token then the 16x16 patch tokens, taken after the
     last block and the final norm, as the torch.hub model's get_intermediate_layers(x, 1,
-    return_class_token=True) gives them. Input: (N, 3, 224, 224) as the released code fed it (the [-1, 1]
-    image or the [0, 1] skeleton, no ImageNet normalisation).
+    return_class_token=True) gives them. Input: images (N, 3, H, W) of any size, resized here by `dino_input`
+    as the released code fed them (the [-1, 1] image or the [0, 1] skeleton, no ImageNet normalisation).
     """
 
-    def __init__(self, arch, weights, depth=None):
+    def __init__(self, variant, weights, depth=None):
         super().__init__()
-        check_dinov2_weights(arch, weights)
+        check_dinov2_weights(variant, weights)
         overrides = {} if depth is None else {"depth": depth}
-        self.net = timm.create_model(DINOV2_ARCHS[arch], img_size=DINOV2_SIZE, num_classes=0, **overrides)
+        self.net = timm.create_model(DINOV2[variant][0], img_size=DINOV2_SIZE, num_classes=0, **overrides)
         if weights != "random":
             self.net.load_state_dict(load_dinov2_state_dict(weights, self.net))
         self.dim = self.net.embed_dim
@@ -110,12 +129,9 @@ class DINOv2(Frozen):
 
     @torch.no_grad()
     def forward(self, x):
-        expected = (3, DINOV2_SIZE, DINOV2_SIZE)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DINOv2 expects input of shape (N, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x.shape)}")
+        x = dino_input(x)  # (N, 3, 224, 224)
         with _autocast(x):
-            return self.net.forward_features(x).float()
+            return self.net.forward_features(x).float()  # (N, 257, dim)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,19 +230,21 @@ class VAEFirstStage(FirstStage):
 # ---------------------------------------------------------------------------------------------------------
 
 class Encoders(nn.Module):
-    """pose(x224) -> (N, 257, pose_dim), image(x224) -> (N, 257, image_dim), first_stage."""
+    """pose(skeletons) -> (N, 257, pose_dim), image(images) -> (N, 257, image_dim), first_stage."""
 
     def __init__(self, pose, image, first_stage):
         super().__init__()
         self.pose, self.image, self.first_stage = pose, image, first_stage
 
-    @property
-    def pose_dim(self):
-        return self.pose.dim
-
-    @property
-    def image_dim(self):
-        return self.image.dim
+    @torch.no_grad()
+    def features(self, target, source, skeleton):
+        """What a training step needs of a batch of pairs (N, 3, S, S): the DINOv2 tokens of the target's
+        skeleton and of the source, and the first stage's posterior moments of both images. The feature cache
+        (data/cache.py) stores the same, so both give one layout."""
+        target_mean, target_logvar = self.first_stage.moments(target)
+        source_mean, source_logvar = self.first_stage.moments(source)
+        return {"pose": self.pose(skeleton), "image": self.image(source), "target_mean": target_mean,
+                "target_logvar": target_logvar, "source_mean": source_mean, "source_logvar": source_logvar}
 
 
 def _build_first_stage(cfg):
@@ -243,8 +261,8 @@ def _build_first_stage(cfg):
 
 def build_encoders(cfg, device="cpu"):
     """The frozen encoders from a config such as
-    {"pose": {"arch": "vitb14", "weights": "weights/dinov2_vitb14_pretrain.pth"},
-     "image": {"arch": "vitg14", "weights": "weights/dinov2_vitg14_pretrain.pth"},
+    {"pose": {"dinov2": "vitb14", "weights": "weights/dinov2_vitb14_pretrain.pth"},
+     "image": {"dinov2": "vitg14", "weights": "weights/dinov2_vitg14_pretrain.pth"},
      "first_stage": {"type": "vae", "path": "weights/sd-vae-ft-mse"}}
     Every file is checked before anything is built. A DINOv2 entry may set "depth" (tests); "weights":
     "random" and a first stage {"type": "vae", "path": None, "random": {AutoencoderKL config}} give random
@@ -252,11 +270,11 @@ def build_encoders(cfg, device="cpu"):
     so training and inference build the same encoders, and the caller's RNG is left untouched.
     """
     for name in ("pose", "image"):
-        check_dinov2_weights(cfg[name]["arch"], cfg[name].get("weights"))
+        check_dinov2_weights(cfg[name]["dinov2"], cfg[name].get("weights"))
     if cfg["first_stage"]["type"] == "vae" and cfg["first_stage"].get("path") is not None:
         check_vae_dir(cfg["first_stage"]["path"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.get("seed", 0))
-        pose, image = (DINOv2(cfg[n]["arch"], cfg[n]["weights"], cfg[n].get("depth")) for n in ("pose", "image"))
+        pose, image = (DINOv2(cfg[n]["dinov2"], cfg[n]["weights"], cfg[n].get("depth")) for n in ("pose", "image"))
         first_stage = _build_first_stage(cfg["first_stage"])
     return Encoders(pose, image, first_stage).to(device)

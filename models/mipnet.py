@@ -20,16 +20,17 @@ class MIPNet(nn.Module):
 
     def __init__(self, dim, num_heads, grid, mlp_ratio=4.0, mask_ratio=0.3, attention="self-cross"):
         super().__init__()
-        if attention not in ATTENTIONS[1:]:
-            raise ValueError(f"mipnet attention must be one of {ATTENTIONS[1:]}, got {attention!r}")
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = float(mask_ratio)
         self.order = tuple(attention.split("-"))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.self_block = Block(dim, num_heads, grid, mlp_ratio) if "self" in self.order else None
         self.cross_block = Block(dim, num_heads, grid, mlp_ratio, cross=True) if "cross" in self.order else None
+
+    def initialize_weights(self):
+        for block in (self.self_block, self.cross_block):
+            if block is not None:
+                block.initialize_weights()
 
     @property
     def needs_context(self):
@@ -44,9 +45,11 @@ class MIPNet(nn.Module):
         return tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim)), ids_keep
 
     def forward(self, kept, c, ids_keep, pos_embed, context=None):
+        """The encoder's kept tokens (N, K, D) at places ids_keep (N, K), condition c (N, D), the decoder
+        position embedding (1, L, D), the source context (N, L, D) -> the restored sequence (N, L, D)."""
         n, length, dim = kept.shape[0], pos_embed.shape[1], kept.shape[2]
         index = ids_keep.unsqueeze(-1).expand(-1, -1, dim)
-        before = self.mask_token.expand(n, length, dim).scatter(1, index, kept) + pos_embed
+        before = self.mask_token.expand(n, length, dim).scatter(1, index, kept) + pos_embed  # (N, L, D)
         x = before
         for name in self.order:
             x = self.self_block(x, c) if name == "self" else self.cross_block(x, c, context=context)

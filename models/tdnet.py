@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 def sincos_pos_embed(dim, grid):
     """2-D sin-cos position embedding (grid*grid, dim): first half encodes the column, second the row."""
-    if dim % 4:
-        raise ValueError(f"hidden_size must be a multiple of 4 for the sin-cos embedding, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
                                 torch.arange(grid, dtype=torch.float64), indexing="ij")
@@ -140,7 +138,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
+    def initialize_weights(self):
+        """AdaLN-Zero: the modulation starts at zero, so the block starts as the identity."""
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
     def forward(self, x, c, ids_keep=None, context=None):
+        """x (N, L, D) tokens, c (N, D) condition -> (N, L, D)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), ids_keep, context)
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
@@ -153,7 +157,14 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
+    def initialize_weights(self):
+        """Zero modulation and zero output: a fresh network predicts zeros."""
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
     def forward(self, x, c):
+        """x (N, L, D), c (N, D) -> (N, L, patch_size^2 * out_channels)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -161,8 +172,9 @@ class FinalLayer(nn.Module):
 class TDNet(nn.Module):
     """Patch embedding, timestep embedding, the encoder/decoder block stack and the output head.
 
-    Blocks [0, depth - decode_layer) form the encoder (they also run on the kept tokens when masking);
-    the rest form the decoder, which starts by adding `decoder_pos_embed`.
+    Blocks [0, depth - decode_layer) form the encoder; the rest form the decoder, which starts by adding
+    `decoder_pos_embed`. In the masked forward the encoder sees only the kept tokens, and MIPNet restores the
+    full sequence between encoder and decoder.
     """
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
@@ -170,33 +182,61 @@ class TDNet(nn.Module):
         super().__init__()
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        grid = self.x_embedder.grid
-        self.num_patches = grid * grid
-        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, grid).unsqueeze(0))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, grid).unsqueeze(0))
-        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, grid, mlp_ratio) for _ in range(depth))
+        self.grid = self.x_embedder.grid
+        self.num_patches = self.grid * self.grid
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid).unsqueeze(0))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid).unsqueeze(0))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, self.grid, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.split = depth - decode_layer
         self.patch_size, self.out_channels = patch_size, out_channels
 
+    def initialize_weights(self):
+        """The patch embedding like a linear layer, the timestep MLP N(0, 0.02), and AdaLN-Zero everywhere."""
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            block.initialize_weights()
+        self.final_layer.initialize_weights()
+
     def embed(self, x):
+        """Latents (N, C, H, W) -> tokens (N, L, D): patches plus the position embedding."""
         return self.x_embedder(x) + self.pos_embed
 
+    def forward(self, x, t, y, mipnet=None, source_tokens=None, mask_noise=None):
+        """Noisy latents x (N, C, H, W) at timesteps t (N,) under the condition y (N, D) -> (N, out, H, W).
+
+        With `mipnet`, the masked forward: the encoder sees the kept tokens (`mask_noise` (N, L) pins which),
+        MIPNet restores the sequence, using as context `source_tokens` (N, L, D) passed through the same encoder
+        blocks without gradient.
+        """
+        h = self.embed(x)  # (N, L, D)
+        c = self.t_embedder(t) + y  # (N, D)
+        if mipnet is None:
+            h = self.encode(h, c) + self.decoder_pos_embed  # (N, L, D)
+        else:
+            h, ids_keep = mipnet.mask(h, mask_noise)  # (N, K, D), K = int(L (1 - mask_ratio))
+            h = self.encode(h, c, ids_keep)  # (N, K, D)
+            context = None
+            if mipnet.needs_context:
+                with torch.no_grad():
+                    context = self.encode(source_tokens, c)  # (N, L, D)
+            h = mipnet(h, c, ids_keep, self.decoder_pos_embed, context)  # (N, L, D)
+        for block in self.blocks[self.split:]:
+            h = block(h, c)  # (N, L, D)
+        return self.unpatchify(self.final_layer(h, c))  # (N, out, H, W)
+
     def encode(self, h, c, ids_keep=None):
+        """The encoder blocks on tokens (N, L or K, D); ids_keep (N, K) says which places kept tokens hold."""
         for block in self.blocks[:self.split]:
             h = block(h, c, ids_keep)
         return h
 
-    def forward(self, h, c):
-        """The unmasked pass over embedded tokens h: encoder, decoder position embedding, decoder."""
-        return self.decode(self.encode(h, c) + self.decoder_pos_embed, c)
-
-    def decode(self, h, c):
-        for block in self.blocks[self.split:]:
-            h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
-
     def unpatchify(self, h):
+        """(N, L, p * p * out) -> (N, out, H, W)."""
         n, length, _ = h.shape
         g, p = int(round(length ** 0.5)), self.patch_size
         h = h.reshape(n, g, g, p, p, self.out_channels)

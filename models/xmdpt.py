@@ -1,22 +1,89 @@
-"""X-MDPT: TDNet conditioned by CANet, trained with MIPNet's masked cross-view prediction."""
+"""X-MDPT: TDNet conditioned by CANet, trained with MIPNet's masked cross-view prediction.
+
+`XMDPTConfig` is the one description of the architecture: the model is built from it, checkpoints and exports
+store it (`save_pretrained` writes it as config.json), and YAML's `model:` section sets its fields on top of a
+preset (`XMDPT_CONFIGS`).
+"""
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
 
-from .canet import CANet
-from .diffusion import PREDICTIONS
+from .canet import AGGREGATIONS, CANet
+from .diffusion import NUM_TIMESTEPS, PREDICTIONS
 from .mipnet import ATTENTIONS, MIPNet
 from .tdnet import TDNet
 
-NUM_TIMESTEPS = 1000
 
-_BASE = dict(input_size=32, in_channels=4, patch_size=2, mlp_ratio=4.0)
+@dataclass(frozen=True)
+class XMDPTConfig(Mapping):
+    """The architecture of an X-MDPT network. It is also a mapping of its fields, so that
+    `XMDPT(**config)` and `dict(config, input_size=64)` work."""
+
+    input_size: int = 32  # latent side: 32 for 256x256 images through the SD VAE, 64 for 512x512
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True  # 2 x in_channels outputs: the prediction and the variance interpolation
+    decode_layer: int = 2  # blocks after the decoder position embedding (the decoder); 2 in every released model
+    mask_ratio: float = 0.3  # MIPNet: the share of target tokens the masked forward drops (training only)
+    mipnet: str = "self-cross"  # MIPNet's attention: none (plain DiT), self (MDT), cross, cross-self, self-cross
+    aggregation: str = "mlp"  # CANet: local, global, add, mlp
+    cond_drop: float = 0.1  # probability of dropping the condition in training (classifier-free guidance)
+    pose_dim: int = 768  # DINOv2 token widths: pose (B/14) and source image (G/14)
+    image_dim: int = 1536
+    dino_tokens: int = 257  # DINOv2's CLS token and 16x16 patches at 224x224
+    prediction: str = "eps"  # what the first output channels predict: eps (the released models) or v
+
+    def __post_init__(self):
+        positive = [f.name for f in fields(self) if f.type in (int, float) and f.name not in
+                    ("decode_layer", "mask_ratio", "cond_drop") and not getattr(self, f.name) > 0]
+        problems = [f"{name} must be positive, got {getattr(self, name)}" for name in positive]
+        choices = {"mipnet": ATTENTIONS, "aggregation": AGGREGATIONS, "prediction": PREDICTIONS}
+        problems += [f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                     for name, allowed in choices.items() if getattr(self, name) not in allowed]
+        rules = [(self.input_size % self.patch_size == 0,
+                  f"input_size ({self.input_size}) must be a multiple of patch_size ({self.patch_size})"),
+                 (self.hidden_size % self.num_heads == 0,
+                  f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"),
+                 (self.hidden_size % 4 == 0,
+                  f"hidden_size must be a multiple of 4 for the sin-cos embedding, got {self.hidden_size}"),
+                 (0 <= self.decode_layer < self.depth,
+                  f"decode_layer must be in [0, depth={self.depth}), got {self.decode_layer}"),
+                 (0 < self.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {self.mask_ratio}"),
+                 (0 <= self.cond_drop <= 1, f"cond_drop must be in [0, 1], got {self.cond_drop}")]
+        problems += [message for ok, message in rules if not ok]
+        if problems:
+            raise ValueError("invalid X-MDPT config: " + "; ".join(problems))
+
+    def __getitem__(self, key):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self):
+        return len(self.__dataclass_fields__)
+
+
+# Fields that change what training computes, not what inference computes: a checkpoint made without MIPNet
+# (an inference export) fits a config with it.
+TRAINING_ONLY = ("mask_ratio", "mipnet", "cond_drop")
+
+_BASE = XMDPTConfig(input_size=32, in_channels=4, patch_size=2, mlp_ratio=4.0)
 XMDPT_CONFIGS = {
-    "XMDPT-S/2": dict(_BASE, depth=12, hidden_size=384, num_heads=6),
-    "XMDPT-B/2": dict(_BASE, depth=12, hidden_size=768, num_heads=12),
-    "XMDPT-L/2": dict(_BASE, depth=24, hidden_size=1024, num_heads=16),
-    "XMDPT-XL/2": dict(_BASE, depth=28, hidden_size=1152, num_heads=16),
+    "XMDPT-S/2": replace(_BASE, depth=12, hidden_size=384, num_heads=6),
+    "XMDPT-B/2": replace(_BASE, depth=12, hidden_size=768, num_heads=12),
+    "XMDPT-L/2": replace(_BASE, depth=24, hidden_size=1024, num_heads=16),
+    "XMDPT-XL/2": replace(_BASE, depth=28, hidden_size=1152, num_heads=16),
 }
 
 
@@ -34,147 +101,126 @@ def _expect(name, tensor, shape):
         raise ValueError(f"{name} must have shape {want}, got {got}")
 
 
-class XMDPT(nn.Module):
+def _xavier_linear(module):
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+X-MDPT (Cross-view Masked Diffusion Transformers for Person Image Synthesis, ICML 2024) weights:
+`config.json` (the XMDPTConfig) and `model.safetensors`. Load them with `models.load_checkpoint(folder)` or
+`XMDPT.from_pretrained(folder)`, or pass the folder to `infer_xmdpt.py --ckpt`.
+"""
+
+
+class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-guided-person-synthesis"],
+            model_card_template=MODEL_CARD):
     """Pose-guided person image diffusion transformer.
 
-    model(x, t, pose, image, source) predicts the noise (and, with learn_sigma, the variance interpolation)
-    for noisy latents x at timesteps t, given DINOv2 tokens of the target skeleton (`pose`), of the source
-    image (`image`), and the scaled source latent (`source`). Ablation switches: `mipnet` (attention of the
-    side interpolater, 'none' = plain DiT training), `aggregation` (CANet), `mask_ratio`, and the DINOv2
-    widths `pose_dim`/`image_dim`. `prediction` records what the first output channels predict, 'eps' (the
-    released models) or 'v'; the model itself does not use it, Diffusion(prediction=...) reads it.
+    Built from an `XMDPTConfig`, keyword arguments (its fields), or both (the keywords replace the config's
+    fields). model(x, t, pose, image, source) predicts the noise, or v (`config.prediction`), and the variance
+    interpolation for noisy latents x at timesteps t, given DINOv2 tokens of the target skeleton (`pose`), of
+    the source image (`image`), and the scaled source latent (`source`).
     """
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, learn_sigma=True, mask_ratio=0.3, decode_layer=2, pose_dim=768,
-                 image_dim=1536, mipnet="self-cross", aggregation="mlp", cond_drop=0.1, dino_tokens=257,
-                 prediction="eps"):
+    def __init__(self, config: XMDPTConfig | None = None, **fields):
         super().__init__()
-        self.arch = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                         hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                         learn_sigma=learn_sigma, mask_ratio=mask_ratio, decode_layer=decode_layer,
-                         pose_dim=pose_dim, image_dim=image_dim, mipnet=mipnet, aggregation=aggregation,
-                         cond_drop=cond_drop, dino_tokens=dino_tokens, prediction=prediction)
-        if input_size % patch_size:
-            raise ValueError(f"input_size ({input_size}) must be a multiple of patch_size ({patch_size})")
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})")
-        if not 0 <= decode_layer < depth:
-            raise ValueError(f"decode_layer must be in [0, depth={depth}), got {decode_layer}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        if mipnet not in ATTENTIONS:
-            raise ValueError(f"mipnet must be one of {ATTENTIONS}, got {mipnet!r}")
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.cond_drop = cond_drop
-        self.tdnet = TDNet(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                           self.out_channels, decode_layer)
-        grid = self.tdnet.x_embedder.grid
-        self.canet = CANet(hidden_size, pose_dim, image_dim, grid * grid, dino_tokens, aggregation)
-        self.mipnet = None if mipnet == "none" else \
-            MIPNet(hidden_size, num_heads, grid, mlp_ratio, mask_ratio, mipnet)
+        config = XMDPTConfig(**fields) if config is None else replace(config, **fields)
+        self.config = self._hub_mixin_config = config  # save_pretrained writes it as config.json
+        c = config
+        out_channels = 2 * c.in_channels if c.learn_sigma else c.in_channels
+        self.tdnet = TDNet(c.input_size, c.patch_size, c.in_channels, c.hidden_size, c.depth, c.num_heads,
+                           c.mlp_ratio, out_channels, c.decode_layer)
+        self.canet = CANet(c.hidden_size, c.pose_dim, c.image_dim, self.tdnet.num_patches, c.dino_tokens,
+                           c.aggregation)
+        self.mipnet = None if c.mipnet == "none" else \
+            MIPNet(c.hidden_size, c.num_heads, self.tdnet.grid, c.mlp_ratio, c.mask_ratio, c.mipnet)
         self.initialize_weights()
 
     def initialize_weights(self):
-        def linear_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.apply(linear_init)
-        td = self.tdnet
-        w = td.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(td.x_embedder.proj.bias)
-        for layer in (td.t_embedder.mlp[0], td.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        side = [self.mipnet.self_block, self.mipnet.cross_block] if self.mipnet is not None else []
-        for block in list(td.blocks) + [b for b in side if b is not None] + [td.final_layer]:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(td.final_layer.linear.weight)
-        nn.init.zeros_(td.final_layer.linear.bias)
-        heads = [h for h in (self.canet.pose, self.canet.glob, self.canet.local) if h is not None]
-        for head in heads:
-            if head.proj is not None:
-                nn.init.normal_(head.proj[0].weight, std=0.02)
-            nn.init.normal_(head.pool[0].weight, std=0.02)
-        if self.canet.fuse is not None:
-            nn.init.normal_(self.canet.fuse[0].weight, std=0.02)
+        """DiT's rule for every linear layer (Xavier-uniform weights, zero biases), in one pass over the whole
+        network, then each part's own initialisation; a seed draws the same numbers as the released code."""
+        self.apply(_xavier_linear)
+        for part in (self.tdnet, self.canet, self.mipnet):
+            if part is not None:
+                part.initialize_weights()
+
+    @classmethod
+    def _from_pretrained(cls, *, strict=True, **kwargs):
+        """from_pretrained (huggingface_hub's mixin) loads strictly unless told otherwise."""
+        return super()._from_pretrained(strict=strict, **kwargs)
+
+    @property
+    def prediction(self):
+        """What the first output channels predict, 'eps' or 'v': Diffusion reads it from the model."""
+        return self.config.prediction
 
     @property
     def num_patches(self):
         return self.tdnet.num_patches
 
-    def _check_inputs(self, x, t, pose, image, source):
-        size = self.arch["input_size"]
-        _expect("x", x, (None, self.in_channels, size, size))
-        n = x.shape[0]
-        _expect("t", t, (n,))
-        if t.numel() and not t.is_meta and (t.min() < 0 or t.max() > NUM_TIMESTEPS - 1):
-            raise ValueError(f"t must lie in [0, {NUM_TIMESTEPS - 1}], got values in "
-                             f"[{t.min().item()}, {t.max().item()}]")
-        self._check_condition(pose, image, source, n)
-
     def _check_condition(self, pose, image, source, n=None):
-        a = self.arch
-        _expect("pose", pose, (n, a["dino_tokens"], a["pose_dim"]))
-        _expect("image", image, (pose.shape[0], a["dino_tokens"], a["image_dim"]))
-        _expect("source", source, (pose.shape[0], self.in_channels, a["input_size"], a["input_size"]))
+        c = self.config
+        _expect("pose", pose, (n, c.dino_tokens, c.pose_dim))
+        _expect("image", image, (pose.shape[0], c.dino_tokens, c.image_dim))
+        _expect("source", source, (pose.shape[0], c.in_channels, c.input_size, c.input_size))
 
-    def condition(self, pose, image, source_tokens):
-        """The unified condition vector y (N, D) from CANet."""
-        return self.canet(pose, image, source_tokens)
+    def condition(self, pose, image, source):
+        """CANet's unified condition vector y (N, D) for DINOv2 tokens and the scaled source latent."""
+        return self.canet(pose, image, self.tdnet.embed(source))
+
+    def condition_heads(self, pose, image, source):
+        """Each CANet head's vector (N, D), by name (pose, global, local), before they are combined."""
+        return self.canet.heads(pose, image, self.tdnet.embed(source))
 
     def forward(self, x, t, pose, image, source, drop_cond=None, mask=False, mask_noise=None):
-        """drop_cond: bool (N,), True = unconditional; None keeps all, except the random drop of
-        probability `cond_drop` in train mode. mask: run the masked (MIPNet) forward; mask_noise (N, L)
-        pins which tokens are kept (the smallest values)."""
-        self._check_inputs(x, t, pose, image, source)
+        """x (N, C, H, W) noisy latents at timesteps t (N,) -> (N, out_channels, H, W).
+
+        drop_cond: bool (N,), True = unconditional; None keeps all, except the random drop of probability
+        `cond_drop` in train mode. mask: run the masked (MIPNet) forward; mask_noise (N, L) pins which tokens
+        are kept (the smallest values).
+        """
+        c = self.config
         n = x.shape[0]
-        source_tokens = self.tdnet.embed(source)
-        y = self.condition(pose, image, source_tokens)
-        if drop_cond is None and self.training and self.cond_drop > 0:
-            drop_cond = torch.rand(n, device=x.device) < self.cond_drop
-        if drop_cond is not None:
-            _expect("drop_cond", drop_cond, (n,))
-            y = y * (~drop_cond.bool()).to(y.dtype).unsqueeze(1)
-        c = self.tdnet.t_embedder(t) + y
-        h = self.tdnet.embed(x)
-        if not mask:
-            return self.tdnet(h, c)
-        if self.mipnet is None:
+        _expect("x", x, (None, c.in_channels, c.input_size, c.input_size))
+        _expect("t", t, (n,))
+        self._check_condition(pose, image, source, n)
+        if mask and self.mipnet is None:
             raise ValueError("mask=True needs MIPNet, but this model was built with mipnet='none'")
         if mask_noise is not None:
             _expect("mask_noise", mask_noise, (n, self.num_patches))
-        kept, ids_keep = self.mipnet.mask(h, mask_noise)
-        h = self.tdnet.encode(kept, c, ids_keep)
-        context = None
-        if self.mipnet.needs_context:
-            with torch.no_grad():
-                context = self.tdnet.encode(source_tokens, c)
-        h = self.mipnet(h, c, ids_keep, self.tdnet.decoder_pos_embed, context)
-        return self.tdnet.decode(h, c)
+        source_tokens = self.tdnet.embed(source)  # (N, L, D)
+        y = self.canet(pose, image, source_tokens)  # (N, D)
+        if drop_cond is None and self.training and c.cond_drop > 0:
+            drop_cond = torch.rand(n, device=x.device) < c.cond_drop
+        if drop_cond is not None:
+            _expect("drop_cond", drop_cond, (n,))
+            y = y * (~drop_cond.bool()).to(y.dtype).unsqueeze(1)
+        return self.tdnet(x, t, y, self.mipnet if mask else None, source_tokens, mask_noise)
 
     def guided(self, pose, image, source, cfg_scale=2.0, scale_pow=0.01):
-        """A denoiser fn(x, t) with classifier-free guidance for sampling.
+        """A denoiser fn(x, t) -> (N, out_channels, H, W) with classifier-free guidance, for sampling.
 
-        y is computed here once; each call runs the conditional and unconditional halves as one batch of
-        2N through TDNet only (no source path), and mixes them with the power-cosine scale of t, on all
-        output channels.
+        y is computed here, once per sample; each call runs the conditional and unconditional halves as one
+        batch of 2N through TDNet only (no source path) and mixes them with the power-cosine scale of t, on
+        all output channels. fn.prediction says what its first channels predict.
         """
         self._check_condition(pose, image, source)
-        y = self.condition(pose, image, self.tdnet.embed(source))
-        y = torch.cat([y, torch.zeros_like(y)])
+        y = self.condition(pose, image, source)  # (N, D)
+        y = torch.cat([y, torch.zeros_like(y)])  # (2N, D): conditional, then unconditional
+        c = self.config
 
         def fn(x, t):
-            size = self.arch["input_size"]
-            _expect("x", x, (pose.shape[0], self.in_channels, size, size))
-            x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-            c = self.tdnet.t_embedder(t2) + y
-            cond, uncond = self.tdnet(self.tdnet.embed(x2), c).chunk(2)
+            _expect("x", x, (pose.shape[0], c.in_channels, c.input_size, c.input_size))
+            cond, uncond = self.tdnet(torch.cat([x, x]), torch.cat([t, t]), y).chunk(2)  # (N, out, H, W) each
             scale = guidance_scale(t, cfg_scale, scale_pow).to(cond.dtype).view(-1, 1, 1, 1)
             return uncond + scale * (cond - uncond)
+
+        fn.prediction = c.prediction
         return fn
 
     def forward_with_cfg(self, x, t, pose, image, source, cfg_scale=2.0, scale_pow=0.01):

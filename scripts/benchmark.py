@@ -1,9 +1,9 @@
 """Benchmarks: the work counted with torch's FLOP counter (on the meta device, so any size is free to count),
 the time measured with random weights of the real sizes, printed as tables.
 
-  python scripts/benchmark.py sampling [--model XMDPT-S/2] [--batch 4] [--device cpu]
-  python scripts/benchmark.py train    [--models XMDPT-S/2 XMDPT-B/2] [--batch 4] [--device cuda]
-  python scripts/benchmark.py infer    [--models XMDPT-S/2] [--batches 1 8] [--device cuda]
+  python -m scripts.benchmark sampling [--model XMDPT-S/2] [--batch 4] [--device cpu]
+  python -m scripts.benchmark train    [--models XMDPT-S/2 XMDPT-B/2] [--batch 4] [--device cuda]
+  python -m scripts.benchmark infer    [--models XMDPT-S/2] [--batches 1 8] [--device cuda]
 
 sampling: one guided DDIM step against the released implementation's step, re-enacted on the same weights:
   two separate forwards, each recomputing the condition and pushing the source tokens through every block,
@@ -28,11 +28,14 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import XMDPT, XMDPT_CONFIGS, Diffusion  # noqa: E402
-from models.encoders import DINOv2, VAEFirstStage  # noqa: E402
-from models.tdnet import modulate  # noqa: E402
-from models.xmdpt import guidance_scale  # noqa: E402
+from inference import Pipeline
+from models import XMDPT, XMDPT_CONFIGS, Diffusion
+from models.encoders import DINOv2, Encoders, VAEFirstStage
+from models.tdnet import modulate
+from models.training import Objective, step_inputs, update_ema
+from models.xmdpt import guidance_scale
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=256)
@@ -56,7 +59,7 @@ def released_schedule_step(model, x, t, pose, image, source, cfg_scale, scale_po
     outs = []
     for drop in (True, False):
         src = td.embed(source)
-        y = model.condition(pose, image, src)
+        y = model.canet(pose, image, src)
         c = td.t_embedder(t) + (y * 0 if drop else y)
         h = td.embed(x)
         for i, block in enumerate(td.blocks):
@@ -96,12 +99,12 @@ def gflops(fn):
 
 
 def random_inputs(model, n, device):
-    a = model.arch
-    s = a["input_size"]
-    return (torch.randn(n, a["in_channels"], s, s, device=device), torch.full((n,), 500, device=device),
-            dict(pose=torch.randn(n, a["dino_tokens"], a["pose_dim"], device=device),
-                 image=torch.randn(n, a["dino_tokens"], a["image_dim"], device=device),
-                 source=torch.randn(n, a["in_channels"], s, s, device=device)))
+    c = model.config
+    s = c.input_size
+    return (torch.randn(n, c.in_channels, s, s, device=device), torch.full((n,), 500, device=device),
+            dict(pose=torch.randn(n, c.dino_tokens, c.pose_dim, device=device),
+                 image=torch.randn(n, c.dino_tokens, c.image_dim, device=device),
+                 source=torch.randn(n, c.in_channels, s, s, device=device)))
 
 
 def peak_memory_gib(device):
@@ -116,8 +119,7 @@ def autocast(device):
 
 def encoders(device):
     """DINOv2-B/14, DINOv2-G/14 and the SD VAE with random weights: the real networks' work."""
-    return (DINOv2("vitb14", "random").to(device), DINOv2("vitg14", "random").to(device),
-            VAEFirstStage.from_config(SD_VAE).to(device))
+    return Encoders(DINOv2("vitb14", "random"), DINOv2("vitg14", "random"), VAEFirstStage.from_config(SD_VAE)).to(device)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -126,7 +128,7 @@ def encoders(device):
 def bench_sampling(args):
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = XMDPT(**XMDPT_CONFIGS[args.model]).to(device).eval()
+    model = XMDPT(XMDPT_CONFIGS[args.model]).to(device).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     x, t, cond = random_inputs(model, args.batch, device)
@@ -157,15 +159,14 @@ def bench_sampling(args):
 
 def count_training(name, batch):
     """GFLOP of one training step by component, counted on the meta device."""
-    from train_xmdpt import Objective
     with torch.device("meta"):
-        model = XMDPT(**XMDPT_CONFIGS[name])
+        model = XMDPT(XMDPT_CONFIGS[name])
         x, _, cond = random_inputs(model, batch, torch.device("meta"))
         objective = Objective(model, Diffusion())
         pose_net, image_net, vae = DINOv2("vitb14", "random"), DINOv2("vitg14", "random"), VAEFirstStage.from_config(SD_VAE)
         pixels = torch.randn(batch, 3, 256, 256)
         dino = torch.randn(batch, 3, 224, 224)
-        source_path = lambda: [b(model.tdnet.embed(cond["source"]), torch.randn(batch, model.arch["hidden_size"]))
+        source_path = lambda: [b(model.tdnet.embed(cond["source"]), torch.randn(batch, model.config.hidden_size))
                                for b in model.tdnet.blocks]
         pose_work = gflops(lambda: pose_net.net.forward_features(dino))
         image_work = gflops(lambda: image_net.net.forward_features(dino))
@@ -178,32 +179,27 @@ def count_training(name, batch):
 
 
 def measure_training(name, batch, device, cached, repeats):
-    from train_xmdpt import Objective
+    """steps/s and peak memory of a training step as train_xmdpt.py runs it: the encoders' features of a
+    batch of pixels (or, with the cache, features ready), the objective, its backward, AdamW and the EMA."""
     device = torch.device(device)
-    model = XMDPT(**XMDPT_CONFIGS[name]).to(device)
+    model = XMDPT(XMDPT_CONFIGS[name]).to(device)
     objective = Objective(model, Diffusion())
-    ema = XMDPT(**model.arch).to(device).requires_grad_(False)
+    ema = XMDPT(model.config).to(device).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, _, cond = random_inputs(model, batch, device)
-    nets = None if cached else encoders(device)
+    nets = encoders(device)
     pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
-    dino = torch.rand(batch, 3, 224, 224, device=device)
+    features = nets.features(pixels, pixels, pixels * 0.5 + 0.5)
+    if cached:
+        nets.pose = nets.image = None
 
     def step():
-        inputs = dict(cond)
-        x0 = x
-        if nets is not None:
-            with torch.no_grad():
-                x0 = nets[2].encode(pixels)
-                inputs = dict(source=nets[2].encode(pixels), pose=nets[0](dino), image=nets[1](dino))
+        ready = features if cached else nets.features(pixels, pixels, pixels * 0.5 + 0.5)
         opt.zero_grad(set_to_none=True)
         with autocast(device):
-            loss = objective(x0, **inputs)["total"]
+            loss = objective(*step_inputs(ready, nets.first_stage))["total"]
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1e-4)
+        update_ema(ema, model, 0.9999)
 
     sec = timed(step, device, repeats)
     return {"steps_per_s": 1 / sec, "peak_gib": peak_memory_gib(device)}
@@ -231,34 +227,19 @@ def bench_train(args):
 # ----------------------------------------------------------------------------------------------- inference
 
 def measure_inference(name, batch, device, steps, repeats):
+    """images/s of each stage of the Pipeline (encode, denoise, decode) and of the whole, and peak memory."""
     device = torch.device(device)
-    pose_net, image_net, vae = encoders(device)
-    model = XMDPT(**dict(XMDPT_CONFIGS[name], mipnet="none")).to(device).eval()
-    pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
-    dino = torch.rand(batch, 3, 224, 224, device=device)
-    z = torch.randn(batch, 4, 32, 32, device=device)
-    diffusion = Diffusion()
-
-    @torch.no_grad()
-    def encode():
-        with autocast(device):
-            return pose_net(dino), image_net(dino), vae.encode(pixels)
-
-    pose, image, source = encode()
-
-    @torch.no_grad()
-    def sample():
-        with autocast(device):
-            return diffusion.ddim_sample(model.guided(pose, image, source), z, steps=steps)
-
-    @torch.no_grad()
-    def decode():
-        return vae.decode(z)
-
-    times = {k: timed(fn, device, repeats) for k, fn in (("encoders", encode), ("sampling", sample),
-                                                         ("decoding", decode))}
-    return {**{k: batch / v for k, v in times.items()}, "total": batch / sum(times.values()),
-            "peak_gib": peak_memory_gib(device)}
+    model = XMDPT(XMDPT_CONFIGS[name], mipnet="none")
+    pipe = Pipeline(model, encoders(device), 256, dict(steps=steps, cfg_scale=2.0, scale_pow=0.01,
+                                                       clip_denoised=False), device)
+    sources = torch.rand(batch, 3, 256, 256) * 2 - 1
+    skeletons = torch.rand(batch, 3, 256, 256)
+    seeds = list(range(batch))
+    inputs = pipe.encode(sources, skeletons, seeds)
+    latents = pipe.denoise(inputs)
+    stages = (("encoders", lambda: pipe.encode(sources, skeletons, seeds)), ("sampling", lambda: pipe.denoise(inputs)),
+              ("decoding", lambda: pipe.decode(latents)), ("total", lambda: pipe(sources, skeletons, seeds=seeds)))
+    return {**{k: batch / timed(fn, device, repeats) for k, fn in stages}, "peak_gib": peak_memory_gib(device)}
 
 
 def bench_infer(args):
@@ -271,7 +252,7 @@ def bench_infer(args):
     print(f"work per image (GFLOP): encoders {enc:.0f}, VAE decoding {dec:.0f}, sampling ({args.steps} guided steps):")
     for name in args.models:
         with torch.device("meta"):
-            model = XMDPT(**dict(XMDPT_CONFIGS[name], mipnet="none"))
+            model = XMDPT(XMDPT_CONFIGS[name], mipnet="none")
             x, t, cond = random_inputs(model, 1, torch.device("meta"))
             print(f"  {name}: {args.steps * gflops(lambda: model.guided(**cond)(x, t)):.0f}")
     print(f"\nmeasured on {args.device}, {args.steps} DDIM steps; images/s of each stage and of the whole")
@@ -291,8 +272,8 @@ MEASURES = {"train": measure_training, "infer": measure_inference}
 
 def run_row(kind, kwargs):
     """One measurement in a fresh process (clean peak memory); returns its result dict."""
-    out = subprocess.run([sys.executable, __file__, "_row", kind, json.dumps(kwargs)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "scripts.benchmark", "_row", kind, json.dumps(kwargs)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,28 +1,24 @@
 """Run the frozen encoders once per training image and flip, and store their outputs in an LMDB.
 
-  python scripts/cache_features.py --config configs/xmdpt_s.yaml [--out datasets/deepfashion/features-256]
+  python -m scripts.cache_features --config configs/xmdpt_s.yaml [--out datasets/deepfashion/features-256]
 
 Then train with `data.cache=<out> data.scale_jitter=0`. Per image and flip the cache holds the DINOv2 pose
-tokens of its skeleton, the DINOv2 image tokens and the first stage's posterior moments. The LMDB is written
-to `<out>.partial` and renamed when complete.
+tokens of its skeleton, the DINOv2 image tokens and the first stage's posterior moments (data/cache.py). The
+LMDB is written beside `<out>` and renamed when complete.
 """
 import argparse
 import json
-import shutil
-import sys
 from pathlib import Path
 
-import lmdb
 import torch
 from safetensors.torch import save as save_bytes
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import load_config  # noqa: E402
-from data.cache import META_KEY, cache_key, encoder_signature  # noqa: E402
-from data.deepfashion import PairDataset  # noqa: E402
-from data.pose import dino_input  # noqa: E402
-from models.encoders import build_encoders  # noqa: E402
+from configs import load_config
+from data.cache import META_KEY, cache_key, encoder_signature
+from data.deepfashion import PairDataset
+from data.lmdb import LMDBWriter
+from models.encoders import build_encoders
 
 
 def training_images(pairs):
@@ -31,40 +27,26 @@ def training_images(pairs):
 
 
 @torch.no_grad()
-def cache_features(cfg, out, batch_size=16, dtype=torch.float16, device="cpu", map_size=1 << 40, progress=True):
+def cache_features(cfg, out, batch_size=16, dtype=torch.float16, device="cpu", overwrite=True, progress=True):
+    """Write the cache of `cfg`'s training images to `out`; returns the number of entries."""
     d = cfg["data"]
     pairs = PairDataset(d["root"], d["size"], "train", augment=False)
     encoders = build_encoders(cfg["encoders"], device)
     jobs = [(path, flip) for path in training_images(pairs) for flip in (False, True)]
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    env = lmdb.open(str(partial), map_size=map_size)
-    try:
+    with LMDBWriter(out, overwrite=overwrite) as writer:
         for i in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc="caching features"):
             chunk = jobs[i:i + batch_size]
             images = torch.stack([pairs.load_image(p).flip(-1) if f else pairs.load_image(p) for p, f in chunk])
             skeletons = torch.stack([pairs.skeleton(p, f) for p, f in chunk])
             images, skeletons = images.to(device), skeletons.to(device)
-            pose = encoders.pose(dino_input(skeletons))
-            image = encoders.image(dino_input(images))
+            pose, image = encoders.pose(skeletons), encoders.image(images)
             mean, logvar = encoders.first_stage.moments(images)
-            with env.begin(write=True) as txn:
-                for j, (path, flip) in enumerate(chunk):
-                    record = {"pose": pose[j].to(dtype), "image": image[j].to(dtype),
-                              "mean": mean[j].float(), "logvar": logvar[j].float()}
-                    txn.put(cache_key(path, flip), save_bytes({k: v.contiguous().cpu() for k, v in record.items()}))
-        with env.begin(write=True) as txn:
-            meta = {"signature": encoder_signature(cfg["encoders"], d["size"]), "entries": len(jobs)}
-            txn.put(META_KEY, json.dumps(meta).encode())
-        env.close()
-    except BaseException:
-        env.close()
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+            for j, (path, flip) in enumerate(chunk):
+                record = {"pose": pose[j].to(dtype), "image": image[j].to(dtype), "mean": mean[j].float(),
+                          "logvar": logvar[j].float()}
+                writer.put(cache_key(path, flip), save_bytes({k: v.contiguous().cpu() for k, v in record.items()}))
+        meta = {"signature": encoder_signature(cfg["encoders"], d["size"]), "entries": len(jobs)}
+        writer.put(META_KEY, json.dumps(meta).encode())
     return len(jobs)
 
 

@@ -1,6 +1,6 @@
 """How consistent is CANet's condition vector across views of one person? (the paper's fig. 5 analysis)
 
-  python scripts/condition_similarity.py --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s.pt \\
+  python -m scripts.condition_similarity --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s.pt \\
       --persons 50 --views-per-person 3 --json outputs/condition_similarity.json
 
 Every view (source image) of a person is paired with one and the same target pose, and CANet's unified
@@ -24,19 +24,15 @@ latent is the first stage's posterior mean (no sampling), so the numbers are det
 import argparse
 import json
 import random
-import sys
 from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import load_config  # noqa: E402
-from data.deepfashion import PairDataset  # noqa: E402
-from data.pose import dino_input  # noqa: E402
-from infer_xmdpt import DEMO_CONFIG, load_model  # noqa: E402
-from models.encoders import build_encoders  # noqa: E402
+from configs import CONFIG_DIR, load_config
+from data.deepfashion import PairDataset
+from inference import Pipeline
 
 LABELS = {
     "y": "y = CANet(pose, global, local)",
@@ -80,25 +76,20 @@ def choose_views(groups, persons, views_per_person, seed, exclude=()):
 
 
 @torch.no_grad()
-def condition_features(model, encoders, dataset, paths, target_pose, batch_size=16):
+def condition_features(pipe, dataset, paths, target_pose, batch_size=16):
     """{representation: (len(paths), dim) float32 on the CPU} of the views `paths` with the skeleton of
     the image `target_pose` as the target pose."""
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    pose = encoders.pose(dino_input(dataset.skeleton(target_pose)[None].to(device)))
-    canet, first_stage = model.canet, encoders.first_stage
+    skeleton = dataset.skeleton(target_pose)
+    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=pipe.device.type == "cuda")
     features = {}
     for start in tqdm(range(0, len(paths), batch_size), desc="views", unit="batch"):
-        images = torch.stack([dataset.load_image(p) for p in paths[start:start + batch_size]]).to(device)
-        image = encoders.image(dino_input(images))
-        latent = first_stage.moments(images)[0] * first_stage.scale
+        images = torch.stack([dataset.load_image(p) for p in paths[start:start + batch_size]])
+        inputs = pipe.encode(images, skeleton.expand(len(images), -1, -1, -1))  # latents: posterior means
         with autocast:
-            tokens = model.tdnet.embed(latent)
-            batch = {"y": model.condition(pose.expand(len(images), -1, -1), image, tokens),
-                     "global_head": canet.glob(image) if canet.glob is not None else None,
-                     "local_head": canet.local(tokens) if canet.local is not None else None,
-                     "dino_image_mean": image.mean(1),
-                     "source_latent": latent.flatten(1)}
+            heads = pipe.model.condition_heads(inputs["pose"], inputs["image"], inputs["source"])
+            batch = {"y": pipe.model.condition(inputs["pose"], inputs["image"], inputs["source"]),
+                     "global_head": heads.get("global"), "local_head": heads.get("local"),
+                     "dino_image_mean": inputs["image"].mean(1), "source_latent": inputs["source"].flatten(1)}
         for name, value in batch.items():
             if value is not None:
                 features.setdefault(name, []).append(value.float().cpu())
@@ -128,7 +119,7 @@ def similarity_stats(x, persons):
     return {"within": within, "across": across, "gap": within - across, "per_person": per_person}
 
 
-def analyse(model, encoders, dataset, persons=50, views_per_person=3, target_pose=None, seed=0, batch_size=16):
+def analyse(pipe, dataset, persons=50, views_per_person=3, target_pose=None, seed=0, batch_size=16):
     """The analysis on `dataset`'s pairs: target pose (default: the first image of the first person),
     the persons and views chosen, and `similarity_stats` per representation."""
     groups = group_by_identity(split_images(dataset.pairs))
@@ -136,7 +127,7 @@ def analyse(model, encoders, dataset, persons=50, views_per_person=3, target_pos
     chosen = choose_views(groups, persons, views_per_person, seed, exclude={identity_of(target_pose)})
     paths = [path for views in chosen.values() for path in views]
     index = [p for p, views in enumerate(chosen.values()) for _ in views]
-    features = condition_features(model, encoders, dataset, paths, target_pose, batch_size)
+    features = condition_features(pipe, dataset, paths, target_pose, batch_size)
     return {
         "target_pose": target_pose,
         "persons": [{"identity": i, "views": views} for i, views in chosen.items()],
@@ -155,7 +146,7 @@ def format_table(result):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEMO_CONFIG),
+    p.add_argument("--config", default=str(CONFIG_DIR / "demo.yaml"),
                    help="YAML config of the model and encoders (default: configs/demo.yaml)")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint: a released state dict, our training checkpoint (EMA weights are used) or a "
@@ -182,10 +173,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config)
-    encoders = build_encoders(cfg["encoders"], args.device)
-    model = load_model(cfg, args.ckpt, encoders).to(args.device)
+    pipe = Pipeline.from_config(cfg, args.ckpt, args.device)
     dataset = PairDataset(args.data or cfg["data"]["root"], cfg["data"]["size"], args.split)
-    result = analyse(model, encoders, dataset, args.persons, args.views_per_person, args.target_pose, args.seed,
+    result = analyse(pipe, dataset, args.persons, args.views_per_person, args.target_pose, args.seed,
                      args.batch_size)
     print(format_table(result))
     if args.json:

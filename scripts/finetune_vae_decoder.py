@@ -1,69 +1,40 @@
 """Fine-tune the SD VAE decoder on the training images, as the paper does; the encoder stays frozen.
 
 Reads the DeepFashion LMDB ({data}/{size}-{size}/, key = image path with .png, value = PNG bytes; the images
-listed in {data}/{split}.lst), decodes a posterior sample of each image and trains the decoder on
+listed in {data}/{split}.lst, by path or flat name), decodes a posterior sample of each image and trains the decoder on
 L1 + mse_weight * MSE. (LPIPS is left out: its VGG/AlexNet backbone would have to be downloaded.)
 Saves a diffusers-format AutoencoderKL that VAEFirstStage.from_pretrained loads.
 
-    python scripts/finetune_vae_decoder.py --data datasets/deepfashion --vae weights/sd-vae-ft-mse \
+    python -m scripts.finetune_vae_decoder --data datasets/deepfashion --vae weights/sd-vae-ft-mse \
         --out weights/vae-ft-deepfashion --steps 10000 --batch-size 8
 """
 import argparse
-import io
-import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
-import lmdb
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.encoders import load_autoencoder  # noqa: E402
+from data.deepfashion import ImageList, listed_keys, open_images, to_tensor
+from data.files import atomic_path
+from models.encoders import load_autoencoder
 
 FROZEN_PREFIXES = ("encoder.", "quant_conv.")  # everything before the latent; the decoder side trains
 
 
-class LmdbImages(Dataset):
-    """The images of a split from the DeepFashion LMDB, as (3, size, size) float tensors in [-1, 1]."""
-
-    def __init__(self, root, size, split="train"):
-        self.db_path = str(Path(root) / f"{size}-{size}")
-        lines = (Path(root) / f"{split}.lst").read_text().splitlines()
-        self.keys = [os.path.splitext(line.strip())[0] + ".png" for line in lines if line.strip()]
-        self.env = None  # opened lazily, once per DataLoader worker
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        if self.env is None:
-            self.env = lmdb.open(self.db_path, readonly=True, lock=False, readahead=False)
-        with self.env.begin() as txn:
-            data = txn.get(self.keys[i].encode())
-        if data is None:
-            raise KeyError(f"{self.keys[i]} is not in the LMDB {self.db_path}")
-        image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
-        return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+def split_images(root, size, split="train"):
+    """The images of {root}/{split}.lst (image paths or flat names) from the LMDB, as (3, size, size) float
+    tensors in [-1, 1]."""
+    images = open_images(root, size)
+    return ImageList(images, listed_keys(images, Path(root) / f"{split}.lst"),
+                     to_tensor, size)
 
 
-def save_atomically(vae, out_dir):
-    """save_pretrained into a temporary sibling directory, then swap it in with renames."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    vae.save_pretrained(tmp)
-    old = tmp.with_name(tmp.name + "-old")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+def save_atomically(vae, out):
+    """save_pretrained into a folder beside `out`, then renamed into place."""
+    with atomic_path(out) as staged:
+        vae.save_pretrained(staged)
 
 
 def finetune_decoder(vae_dir, data, out, size=256, split="train", steps=10000, batch_size=8, lr=1e-4,
@@ -76,7 +47,7 @@ def finetune_decoder(vae_dir, data, out, size=256, split="train", steps=10000, b
     vae.eval()
     vae.decoder.train()
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr)
-    dataset = LmdbImages(data, size, split)
+    dataset = split_images(data, size, split)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                         drop_last=len(dataset) >= batch_size)
     device_type = torch.device(device).type

@@ -1,17 +1,13 @@
 """Render the synthetic pose-transfer dataset in the DeepFashion layout (see data/synthetic.py).
 
-    python scripts/make_synthetic.py --root datasets/synthetic --identities 200 --poses 5 --sizes 64
+    python -m scripts.make_synthetic --root datasets/synthetic --identities 200 --poses 5 --sizes 64
 
 Every tool that reads DeepFashion (training, inference, evaluation) works on it unchanged.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.synthetic import make_synthetic  # noqa: E402
+from data.synthetic import make_synthetic
 
 
 def main(argv=None):

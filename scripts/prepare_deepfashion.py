@@ -1,6 +1,6 @@
 """Write the LMDBs of DeepFashion In-shop images that training and inference read.
 
-    python scripts/prepare_deepfashion.py --root datasets/deepfashion --sizes 256 512 --workers 8
+    python -m scripts.prepare_deepfashion --root datasets/deepfashion --sizes 256 512 --workers 8
 
 `--root` holds `img/` (DeepFashion's img_highres folder, renamed), `train_pairs.txt`, `test_pairs.txt`,
 `train.lst`, `test.lst` and `pose/`. Every image named by the pair files is resized straight to SxS
@@ -10,12 +10,8 @@ as PNG bytes in `{out}/{S}-{S}/` under the image path with a .png extension.
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.deepfashion import prepare_lmdbs  # noqa: E402
+from data.deepfashion import prepare_lmdbs
 
 
 def main(argv=None):

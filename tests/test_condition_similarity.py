@@ -6,10 +6,9 @@ import pytest
 import torch
 import yaml
 
-from configs import load_config, model_arch
+from configs import load_config, model_config
 from data.synthetic import make_synthetic
-from models import XMDPT
-from models.encoders import build_encoders
+from models import XMDPT, export
 from scripts import condition_similarity as cs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +63,12 @@ def test_runs_end_to_end(tmp_path, capsys):
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + [f"data.root={root}"])
     make_synthetic(root, num_identities=6, poses_per_identity=3, size=cfg["data"]["size"], seed=0)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    encoders = build_encoders(cfg["encoders"])
     torch.manual_seed(0)
-    model = XMDPT(**model_arch(cfg, encoders.pose_dim, encoders.image_dim))
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "arch": model.arch}, tmp_path / "m.pt")
+    model = XMDPT(model_config(cfg))
+    export(model, tmp_path / "m", inference_only=False)
     out = tmp_path / "out" / "sim.json"
     # one test identity only: the train split has the five others
-    result = cs.main(["--config", str(tmp_path / "cfg.yaml"), "--ckpt", str(tmp_path / "m.pt"), "--split", "train",
+    result = cs.main(["--config", str(tmp_path / "cfg.yaml"), "--ckpt", str(tmp_path / "m"), "--split", "train",
                       "--persons", "3", "--views-per-person", "2", "--batch-size", "4", "--device", "cpu",
                       "--json", str(out)])
     assert "y = CANet(pose, global, local)" in capsys.readouterr().out

@@ -1,13 +1,13 @@
-"""configs/: each ablation config differs from the X-MDPT-S/2 recipe in exactly what its name says."""
+"""configs/: the model section is an XMDPTConfig; each ablation config differs from the X-MDPT-S/2 recipe in
+exactly what its name says."""
 from pathlib import Path
 
 import pytest
 
-from configs import load_config, model_arch
+from configs import load_config, model_config
+from models import XMDPT_CONFIGS, XMDPTConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# DINOv2 token widths (Oquab et al., 2023, table of architectures).
-WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024, "vitg14": 1536}
 
 ABLATIONS = {
     "dit": {"mipnet": "none"},
@@ -27,7 +27,7 @@ ABLATIONS = {
 
 
 def arch_of(cfg):
-    return model_arch(cfg, WIDTHS[cfg["encoders"]["pose"]["arch"]], WIDTHS[cfg["encoders"]["image"]["arch"]])
+    return dict(model_config(cfg))
 
 
 def test_every_ablation_config_is_listed():
@@ -44,3 +44,21 @@ def test_ablation_changes_only_its_switch(name):
         {k: v for k, v in recipe.items() if k != "model" and k != "encoders"}
     assert base == dict(arch_of(recipe), mipnet="self-cross", aggregation="mlp", mask_ratio=0.3, pose_dim=768,
                         image_dim=1536, hidden_size=384, depth=12, num_heads=6)
+
+
+def test_model_section_maps_onto_the_config(tmp_path):
+    """preset, then every field the section names; the DINOv2 widths follow the encoders; unknown keys, bad
+    values and widths that contradict the encoders are refused, naming them."""
+    cfg = load_config(CONFIGS / "xmdpt_l_512.yaml")
+    assert model_config(cfg) == XMDPTConfig(**dict(XMDPT_CONFIGS["XMDPT-L/2"], input_size=64))
+    demo = load_config(CONFIGS / "demo.yaml")
+    assert {k: v for k, v in dict(model_config(demo)).items() if k in demo["model"]} == \
+        {k: v for k, v in demo["model"].items() if k != "preset"}
+    for override, message in [("model.hidden_sise=64", r"unknown model keys \['hidden_sise'\]"),
+                              ("model.preset=XMDPT-M/2", "model.preset 'XMDPT-M/2' is not one of"),
+                              ("model.num_heads=7", "hidden_size .384. must be a multiple of num_heads .7."),
+                              ("model.pose_dim=1024", "model.pose_dim 1024 does not match encoders.pose.dinov2 "
+                                                      "vitb14 .width 768."),
+                              ("encoders.image.dinov2=vitq14", "unknown DINOv2 variant 'vitq14'")]:
+        with pytest.raises(ValueError, match=message):
+            load_config(CONFIGS / "xmdpt_s.yaml", [override])

@@ -86,39 +86,70 @@ def _v_of(d, x0, noise, t):
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
+def predicting(prediction, fn):
+    """fn, marked as predicting eps or v in its first channels, as XMDPT and its guided denoiser are."""
+    fn.prediction = prediction
+    return fn
+
+
 def test_v_prediction_reads_back_eps_and_trains_on_v():
-    d = Diffusion(prediction="v")
+    d = Diffusion()
     x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
     t = torch.tensor([0, 10, 500, 999])
     x_t = d.q_sample(x0, t, noise)
     v = _v_of(d, x0, noise, t)
-    assert torch.allclose(d.eps_from(v, x_t, t), noise, atol=1e-4)
+    assert torch.allclose(d.eps_from(v, x_t, t, "v"), noise, atol=1e-4)
     var = torch.randn_like(x0).tanh()
-    losses = d.training_losses(lambda x, tt: torch.cat([v, var], 1), x0, t, noise=noise)
+    losses = d.training_losses(predicting("v", lambda x, tt: torch.cat([v, var], 1)), x0, t, noise=noise)
     assert losses["mse"].max() < 1e-10
-    eps_losses = Diffusion().training_losses(lambda x, tt: torch.cat([noise, var], 1), x0, t, noise=noise)
+    eps_losses = d.training_losses(lambda x, tt: torch.cat([noise, var], 1), x0, t, noise=noise)
     assert torch.allclose(losses["vb"], eps_losses["vb"], rtol=1e-3, atol=1e-5)
-    wrong = d.training_losses(lambda x, tt: torch.cat([noise, var], 1), x0, t, noise=noise)["mse"]
+    wrong = d.training_losses(predicting("v", lambda x, tt: torch.cat([noise, var], 1)), x0, t, noise=noise)["mse"]
     assert torch.allclose(wrong, ((noise - v) ** 2).mean(dim=(1, 2, 3)), rtol=1e-3)
     with pytest.raises(ValueError, match="prediction"):
-        Diffusion(prediction="x0")
+        d.training_losses(predicting("x0", lambda x, tt: torch.cat([v, var], 1)), x0, t, noise=noise)
 
 
 def test_v_prediction_samplers_match_eps_ones():
     """A v model and the eps model it implies give the same DDIM and DPM-Solver++ samples."""
-    eps_d, v_d = Diffusion(), Diffusion(prediction="v")
+    d = Diffusion()
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
     eps_fn = lambda x, t: torch.sin(3 * x) + 0.1 * t.float().view(-1, 1, 1, 1) / 1000
 
     def v_fn(x, t):
-        a = torch.from_numpy(eps_d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        a = torch.from_numpy(d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
         eps = eps_fn(x, t)
         return (eps - (1 - a).sqrt() * x) / a.sqrt()
 
-    z = eps_d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
-    assert torch.allclose(v_d.ddim_sample(v_fn, z, steps=10), eps_d.ddim_sample(eps_fn, z, steps=10), atol=1e-3)
-    assert torch.allclose(v_d.dpm_solver_sample(v_fn, z, steps=10), eps_d.dpm_solver_sample(eps_fn, z, steps=10),
+    v_fn = predicting("v", v_fn)
+    z = d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
+    assert torch.allclose(d.ddim_sample(v_fn, z, steps=10), d.ddim_sample(eps_fn, z, steps=10), atol=1e-3)
+    assert torch.allclose(d.dpm_solver_sample(v_fn, z, steps=10), d.dpm_solver_sample(eps_fn, z, steps=10),
                           atol=1e-3)
+
+
+def test_the_prediction_type_travels_with_the_model():
+    """A v-model trains on v and samples as v without being told: Diffusion reads it from the model and from
+    the guided denoiser the model makes; nothing else says it."""
+    from models import XMDPT
+    torch.manual_seed(0)
+    model = XMDPT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, pose_dim=16,
+                  image_dim=24, dino_tokens=5, prediction="v").eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    cond = dict(pose=torch.randn(2, 5, 16), image=torch.randn(2, 5, 24), source=torch.randn(2, 4, 8, 8))
+    d = Diffusion()
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
+    with torch.no_grad():
+        out = model(d.q_sample(x0, t, noise), t, **cond)[:, :4]
+        mse = d.training_losses(model, x0, t, cond, noise)["mse"]
+    torch.testing.assert_close(mse, ((out - _v_of(d, x0, noise, t)) ** 2).mean(dim=(1, 2, 3)))
+    fn = model.guided(**cond)
+    assert fn.prediction == "v"
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    as_eps = d.ddim_sample(predicting("eps", lambda x, tt: fn(x, tt)), z, steps=4)
+    as_v = d.ddim_sample(predicting("v", lambda x, tt: fn(x, tt)), z, steps=4)
+    assert torch.equal(d.ddim_sample(fn, z, steps=4), as_v) and (as_v - as_eps).abs().max() > 0.1
 
 
 # ---- a non-oracle model with a closed-form answer ---------------------------------------------------------

@@ -10,9 +10,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from data.deepfashion import flat_name
 from models.encoders import (DINOv2, IdentityFirstStage, LATENT_SCALE, VAEFirstStage, build_encoders,
-                             resample_pos_embed)
+                             dino_input, dinov2_width, resample_pos_embed)
 from scripts.finetune_vae_decoder import build_parser, finetune_decoder
+
+WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024, "vitg14": 1536}  # DINOv2 (Oquab et al., 2023), table 1
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -65,6 +68,41 @@ def test_dinov2_timm_safetensors_file(dino_fixture, tmp_path):
     assert rel_err(out, dino_fixture["features"]) < 1e-5
 
 
+def rel_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_fixture_dino_inputs(parity):
+    """The released pipeline's DINOv2 inputs: the [-1, 1] image and the [0, 1] skeleton, resized bicubic
+    without antialias, not rescaled."""
+    pose = parity["pose"]
+    assert rel_error(dino_input(pose["image"]), pose["dino_image"]) < 1e-4
+    assert rel_error(dino_input(pose["rendered"]), pose["dino_pose"]) < 1e-4
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        dino_input(pose["rendered"][0])
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        dino_input(torch.zeros(1, 4, 64, 64))
+
+
+def test_dinov2_resizes_its_own_input(parity):
+    """DINOv2 takes images of any size and resizes them as the released pipeline did: on the fixture's
+    256x256 images it gives the tokens of the fixture's 224x224 inputs."""
+    torch.manual_seed(0)
+    dino = DINOv2("vits14", "random", depth=1)
+    pose = parity["pose"]
+    torch.testing.assert_close(dino(pose["image"].float()), dino(pose["dino_image"].float()), rtol=1e-4, atol=1e-4)
+    assert dino(torch.rand(1, 3, 64, 48)).shape == (1, 257, 384)
+
+
+def test_dinov2_width_table():
+    assert {variant: dinov2_width(variant) for variant in WIDTHS} == WIDTHS
+    for variant, width in WIDTHS.items():
+        with torch.device("meta"):
+            assert DINOv2(variant, "random", depth=1).dim == width
+    with pytest.raises(ValueError, match="vitx14"):
+        dinov2_width("vitx14")
+
+
 def test_naive_timm_loading_misses(dino_fixture):
     """Why we resample ourselves: timm's filter resizes the grid to 16x16 with antialiasing."""
     net = timm.create_model("vit_small_patch14_dinov2", img_size=224, depth=1, num_classes=0).eval()
@@ -112,8 +150,8 @@ def test_dinov2_errors(tmp_path):
     with pytest.raises(ValueError, match="vitx14"):
         DINOv2("vitx14", "random")
     dino = DINOv2("vits14", "random", depth=1)
-    with pytest.raises(ValueError, match=r"\(N, 3, 224, 224\).*\(2, 3, 256, 256\)"):
-        dino(torch.zeros(2, 3, 256, 256))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\).*\(3, 256, 256\)"):
+        dino(torch.zeros(3, 256, 256))
 
 
 def test_dinov2_is_frozen():
@@ -176,11 +214,11 @@ def test_identity_first_stage():
 
 def test_build_encoders(small_vae_dir):
     torch.manual_seed(0)
-    cfg = {"pose": {"arch": "vitb14", "weights": "random", "depth": 1},
-           "image": {"arch": "vits14", "weights": "random", "depth": 1},
+    cfg = {"pose": {"dinov2": "vitb14", "weights": "random", "depth": 1},
+           "image": {"dinov2": "vits14", "weights": "random", "depth": 1},
            "first_stage": {"type": "vae", "path": str(small_vae_dir)}}
     enc = build_encoders(cfg, "cpu")
-    assert (enc.pose_dim, enc.image_dim) == (768, 384)
+    assert (enc.pose.dim, enc.image.dim) == (768, 384)
     x = torch.rand(2, 3, 224, 224) * 2 - 1
     assert enc.pose(x).shape == (2, 257, 768) and enc.image(x).shape == (2, 257, 384)
     assert enc.first_stage.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 16, 16)
@@ -199,20 +237,20 @@ def test_build_encoders_checks_files_first(tmp_path, monkeypatch):
         raise AssertionError("built an encoder before checking the files")
 
     monkeypatch.setattr(timm, "create_model", no_build)
-    random_dino = {"arch": "vits14", "weights": "random"}
+    random_dino = {"dinov2": "vits14", "weights": "random"}
     with pytest.raises(FileNotFoundError, match="vae-missing"):
         build_encoders({"pose": random_dino, "image": random_dino,
                         "first_stage": {"type": "vae", "path": str(tmp_path / "vae-missing")}})
     with pytest.raises(FileNotFoundError, match="dinov2_vitg14_pretrain.pth"):
-        giant = {"arch": "vitg14", "weights": str(tmp_path / "dinov2_vitg14_pretrain.pth")}
+        giant = {"dinov2": "vitg14", "weights": str(tmp_path / "dinov2_vitg14_pretrain.pth")}
         build_encoders({"pose": random_dino, "image": giant, "first_stage": {"type": "identity"}})
 
 
 # ---- VAE decoder fine-tuning -----------------------------------------------------------------------------
 
 def write_tiny_lmdb(root, n=4, size=32):
-    names = [f"img/person_{i}.jpg" for i in range(n)]
-    (root / "train.lst").write_text("\n".join(names) + "\n")
+    names = [f"img/MEN/Tees/id_0000000{i}/01_1_front.jpg" for i in range(n)]
+    (root / "train.lst").write_text("".join(flat_name(name) + ".jpg\n" for name in names))  # as PIDM's list
     yy, xx = np.mgrid[0:size, 0:size] / size
     with lmdb.open(str(root / f"{size}-{size}"), map_size=1 << 24) as env, env.begin(write=True) as txn:
         for i, name in enumerate(names):

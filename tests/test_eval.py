@@ -248,7 +248,7 @@ def test_cli_target_against_itself(folders):
 
 
 def test_script_help_runs_and_names_the_protocol():
-    help_text = subprocess.run([sys.executable, "eval/fid_ssim_lpips.py", "--help"], cwd=ROOT, check=True,
+    help_text = subprocess.run([sys.executable, "-m", "eval.fid_ssim_lpips", "--help"], cwd=ROOT, check=True,
                                capture_output=True, text=True).stdout
     assert "PIDM/GFLA protocol" in help_text and "--keep-last-batch" in help_text
 

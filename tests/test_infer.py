@@ -11,12 +11,14 @@ import yaml
 from PIL import Image
 
 import infer_xmdpt
-from configs import load_config, model_arch
+from configs import load_config, model_config
 from conftest import optional
 from data.deepfashion import PairDataset
 from data.photo import _pose_solution
 from data.synthetic import make_synthetic
-from models import XMDPT, save_safetensors
+from inference import Pipeline
+from inference.pairs import to_uint8
+from models import XMDPT, export
 from models.encoders import build_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +32,11 @@ def setup(tmp_path_factory):
     make_synthetic(tmp / "data", num_identities=8, poses_per_identity=3, size=SIZE, seed=1)
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + [f"data.root={tmp / 'data'}"])
     (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    encoders = build_encoders(cfg["encoders"])
     torch.manual_seed(0)
-    model = XMDPT(**model_arch(cfg, encoders.pose_dim, encoders.image_dim))
+    model = XMDPT(model_config(cfg))
     for p in model.parameters():
         p.data.normal_(0, 0.05)
-    save_safetensors(model, tmp / "tiny.safetensors", inference_only=True)
+    export(model, tmp / "tiny", inference_only=True)
     return tmp, cfg
 
 
@@ -62,7 +63,7 @@ def reference_image(model, encoders, source, skeleton, seed, steps, cfg_scale, s
             c = model(x, torch.tensor([t]), **cond, drop_cond=torch.tensor([False]))[:, :x.shape[1]]
             u = model(x, torch.tensor([t]), **cond, drop_cond=torch.tensor([True]))[:, :x.shape[1]]
         out = u + (1 + (cfg_scale - 1) * (1 - math.cos(math.pi * (1 - t / 1000) ** scale_pow)) / 2) * (c - u)
-        eps = out if model.arch["prediction"] == "eps" else math.sqrt(a) * out + math.sqrt(1 - a) * x
+        eps = out if model.config.prediction == "eps" else math.sqrt(a) * out + math.sqrt(1 - a) * x
         x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -81,17 +82,17 @@ def wired(request, setup):
     (tmp / f"cfg_{request.param}.yaml").write_text(yaml.safe_dump(cfg))
     encoders = build_encoders(cfg["encoders"])
     torch.manual_seed(1)
-    model = XMDPT(**model_arch(cfg, encoders.pose_dim, encoders.image_dim)).eval()
+    model = XMDPT(model_config(cfg)).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.1)  # strong enough that the conditions and the settings visibly matter
-    save_safetensors(model, tmp / f"tiny_{request.param}.safetensors", inference_only=True)
-    return tmp / f"cfg_{request.param}.yaml", tmp / f"tiny_{request.param}.safetensors", model, encoders, cfg
+    export(model, tmp / f"tiny_{request.param}", inference_only=True)
+    return tmp / f"cfg_{request.param}.yaml", tmp / f"tiny_{request.param}", model, encoders, cfg
 
 
 SETTINGS = dict(steps=4, cfg_scale=3.0, scale_pow=0.5)  # not the defaults, and not symmetric in s and p
 
 
-def test_generate_follows_the_definitions_pair_by_pair(wired):
+def test_pipeline_follows_the_definitions_pair_by_pair(wired):
     """Three pairs in one batch: each is conditioned on its own source (latent and DINOv2 tokens) and target
     skeleton, starts from its own noise, and is sampled with the prediction type its weights store and the
     guidance scale and power asked for."""
@@ -101,8 +102,10 @@ def test_generate_follows_the_definitions_pair_by_pair(wired):
     sources = torch.stack([it["source"] for it in items])
     skeletons = torch.stack([it["target_skeleton"] for it in items])
     seeds = [11, 12, 13]
-    gen = infer_xmdpt.Generator(cfg, ckpt, "cpu", **SETTINGS)
-    images = gen.generate(sources, skeletons, seeds)
+    pipe = Pipeline.from_config(cfg, ckpt)
+    images = pipe(sources, skeletons=skeletons, seeds=seeds, **SETTINGS)
+    keypoints = [pairs.load_keypoints(pairs.pairs[i][0]) for i in range(3)]
+    torch.testing.assert_close(pipe(sources, keypoints=keypoints, seeds=seeds, **SETTINGS), images, rtol=0, atol=0)
     clip = cfg["sample"]["clip_denoised"]
     for i in range(3):
         expected = reference_image(model, encoders, sources[i], skeletons[i], seeds[i], clip=clip, **SETTINGS)
@@ -132,12 +135,12 @@ def test_cli_pairs_use_their_index_seed(wired, tmp_path):
         expected = reference_image(model, encoders, item["source"], item["target_skeleton"], 5 * 1_000_003 + i,
                                    clip=cfg["sample"]["clip_denoised"], **SETTINGS)
         written = np.asarray(Image.open(tmp_path / "generated" / f"{item['name']}.png"), dtype=np.int16)
-        assert np.abs(written - infer_xmdpt.to_uint8(expected).astype(np.int16)).max() <= 1
+        assert np.abs(written - to_uint8(expected).astype(np.int16)).max() <= 1
 
 
 def run(setup, out, *extra):
     tmp, _ = setup
-    infer_xmdpt.main(["--config", str(tmp / "cfg.yaml"), "--ckpt", str(tmp / "tiny.safetensors"),
+    infer_xmdpt.main(["--config", str(tmp / "cfg.yaml"), "--ckpt", str(tmp / "tiny"),
                       "--out", str(out), "--steps", "2", *extra])
 
 
@@ -173,14 +176,23 @@ def test_dpm_solver_option(setup, tmp_path):
 
 
 @pytest.mark.parametrize("override, difference", [("model.hidden_size=64", "hidden_size: 32 in the checkpoint, 64"),
-                                                   ("model.prediction=eps", "prediction: v in the checkpoint, eps")])
-def test_checkpoint_of_another_architecture_is_refused(setup, tmp_path, override, difference):
+                                                   ("model.prediction=eps", "prediction: v in the checkpoint, eps"),
+                                                   ("encoders.image.dinov2=vitb14",
+                                                    "image_dim: 384 in the checkpoint, 768")])
+def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup, tmp_path, monkeypatch,
+                                                                          override, difference):
+    """Every field that differs is named, and no encoder is built first (DINOv2-G alone is 1B parameters)."""
     tmp, cfg = setup
     assert cfg["model"]["prediction"] == "v"
     cfg = load_config(ROOT / "configs/demo.yaml", TINY + [override, f"data.root={tmp / 'data'}"])
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match=rf"--ckpt .*tiny.safetensors does not fit.*\n.*{difference} in the config"):
-        infer_xmdpt.main(["--config", str(tmp_path / "other.yaml"), "--ckpt", str(tmp / "tiny.safetensors"),
+
+    def no_encoders(*args, **kwargs):
+        raise AssertionError("built the encoders before checking the checkpoint")
+
+    monkeypatch.setattr("inference.pipeline.build_encoders", no_encoders)
+    with pytest.raises(ValueError, match=rf"--ckpt .*tiny does not fit the config:\n  {difference} in the config"):
+        infer_xmdpt.main(["--config", str(tmp_path / "other.yaml"), "--ckpt", str(tmp / "tiny"),
                           "--out", str(tmp_path / "out")])
 
 

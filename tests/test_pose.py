@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import COCO18_NAMES
-from data.pose import (BODY25_TO_COCO18, FLIP_JOINTS, LIMBS, dino_input, draw_skeleton, from_image_coords,
-                       load_keypoints, to_image_coords)
+from data.pose import (BODY25_TO_COCO18, FLIP_JOINTS, LIMBS, draw_skeleton, from_image_coords, load_keypoints,
+                       to_image_coords)
 
 
 def rel_error(a, b):
@@ -31,23 +31,6 @@ def test_fixture_skeletons(parity):
         assert skeleton.shape == (3, 256, 256) and skeleton.dtype == torch.float32
         assert (skeleton - reference.float()).abs().max() <= 1 / 255
         assert torch.equal(skeleton.half(), reference)  # the fixture stores them rounded to half
-
-
-def test_fixture_dino_inputs(parity):
-    """The [-1, 1] image and the [0, 1] skeleton, resized bicubic without antialias, not rescaled."""
-    pose = parity["pose"]
-    assert rel_error(dino_input(pose["image"]), pose["dino_image"]) < 1e-4
-    assert rel_error(dino_input(pose["rendered"]), pose["dino_pose"]) < 1e-4
-    single = dino_input(pose["rendered"][1])
-    assert single.shape == (3, 224, 224)
-    assert rel_error(single, pose["dino_pose"][1]) < 1e-4
-
-
-def test_dino_input_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="expects"):
-        dino_input(torch.zeros(256, 256))
-    with pytest.raises(ValueError, match="expects"):
-        dino_input(torch.zeros(1, 4, 64, 64))
 
 
 def test_to_image_coords_and_back():

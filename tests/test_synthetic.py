@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data.deepfashion import PairDataset, flat_name, image_key, open_lmdb, pose_file, read_pairs
+from data.deepfashion import PairDataset, flat_name, image_key, pose_file, read_pairs
+from data.lmdb import LMDBReader
 from data.pose import load_keypoints, to_image_coords
 from data.synthetic import make_synthetic
 from scripts import make_synthetic as make_synthetic_script
@@ -21,8 +22,8 @@ def synth(tmp_path_factory):
 
 
 def lmdb_items(path):
-    with open_lmdb(path).begin() as txn:
-        return {key.decode(): bytes(value) for key, value in txn.cursor()}
+    reader = LMDBReader(path)
+    return {key: bytes(reader.get(key)) for key in reader.keys()}
 
 
 def identity(path):

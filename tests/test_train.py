@@ -1,6 +1,7 @@
 """Training: the demo config learns, resumes exactly, uses the feature cache, runs on 2 processes."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,15 @@ import pytest
 import torch
 import yaml
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import DataLoader
 
 import train_xmdpt
-from configs import load_config
+from configs import load_config, model_config
+from data.sampler import SeededDataset
 from data.synthetic import make_synthetic
+from models import XMDPT, Diffusion, XMDPTConfig, load_checkpoint
+from models.encoders import build_encoders
+from models.training import Objective, step_inputs
 from scripts.cache_features import cache_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,27 +64,30 @@ def demo_cache(synth):
 def test_demo_learns_and_resumes_exactly(synth, demo_cache, tmp_path):
     cfg = demo_config(synth, demo_cache, max_steps=150, log_every=1, ckpt_every=50)
     train_xmdpt.train(cfg, tmp_path / "full")
-    full = [float(r["loss"]) for r in read_log(tmp_path / "full")]
+    full = [float(r["total"]) for r in read_log(tmp_path / "full")]
     assert len(full) == 150
     first, last = np.mean(full[:15]), np.mean(full[-15:])
     assert last < 0.7 * first, (first, last)
 
-    stopped = dict(cfg, train=dict(cfg["train"], max_steps=100))
-    train_xmdpt.train(stopped, tmp_path / "resumed")
+    # A run stopped at step 100 holds what the full run held then: its checkpoints, and a log that resuming
+    # cuts back to step 100 (here it runs on to 150, and must be cut).
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    for name in ("checkpoints/0000050.pt", "checkpoints/0000100.pt", "log.csv"):
+        shutil.copy(tmp_path / "full" / name, tmp_path / "resumed" / name)
     train_xmdpt.train(cfg, tmp_path / "resumed", resume=True)
-    resumed = [float(r["loss"]) for r in read_log(tmp_path / "resumed")]
+    resumed = [float(r["total"]) for r in read_log(tmp_path / "resumed")]
     assert [int(r["step"]) for r in read_log(tmp_path / "resumed")] == list(range(1, 151))
     np.testing.assert_allclose(resumed[100:], full[100:], rtol=1e-4)
 
 
 def test_cached_step_equals_online_step(synth, demo_cache):
-    online = train_xmdpt.build_data(tiny_config(synth), "train", None)
-    cached = train_xmdpt.build_data(tiny_config(synth, demo_cache), "train", None)
+    """The feature cache gives the layout the encoders give a batch of pixels, with the same values: the same
+    latents, tokens and loss."""
+    online = train_xmdpt.training_data(tiny_config(synth), None)
+    cached = train_xmdpt.training_data(tiny_config(synth, demo_cache), None)
     cfg = tiny_config(synth)
-    encoders = train_xmdpt.build_encoders(cfg["encoders"])
-    objective = train_xmdpt.Objective(
-        train_xmdpt.XMDPT(**train_xmdpt.model_arch(cfg, encoders.pose_dim, encoders.image_dim)),
-        train_xmdpt.Diffusion())
+    encoders = build_encoders(cfg["encoders"])
+    objective = Objective(XMDPT(model_config(cfg)), Diffusion())
     for index in range(3):
         with torch.random.fork_rng():
             torch.manual_seed(index)
@@ -87,12 +96,12 @@ def test_cached_step_equals_online_step(synth, demo_cache):
             torch.manual_seed(index)
             b = cached[index]
         assert (a["target_path"], a["source_path"], a["flip"]) == (b["target_path"], b["source_path"], b["flip"])
-        batch_a = {k: v.unsqueeze(0) if torch.is_tensor(v) else v for k, v in a.items()}
-        batch_b = {k: v.unsqueeze(0) if torch.is_tensor(v) else v for k, v in b.items()}
+        features = encoders.features(a["target"][None], a["source"][None], a["target_skeleton"][None])
+        assert set(features) == {k for k in b if torch.is_tensor(b[k])}
         torch.manual_seed(1)
-        online_inputs = train_xmdpt.step_inputs(batch_a, encoders, "cpu")
+        online_inputs = step_inputs(features, encoders.first_stage)
         torch.manual_seed(1)
-        cached_inputs = train_xmdpt.step_inputs(batch_b, encoders, "cpu")
+        cached_inputs = step_inputs({k: v[None] for k, v in b.items() if torch.is_tensor(v)}, encoders.first_stage)
         for x, y in zip(online_inputs, cached_inputs):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
         torch.manual_seed(2)
@@ -102,6 +111,17 @@ def test_cached_step_equals_online_step(synth, demo_cache):
         torch.testing.assert_close(online_loss, cached_loss, rtol=1e-5, atol=0)
 
 
+def test_cache_read_in_workers_equals_the_main_process(synth, demo_cache):
+    """The cache, opened in the main process first, read again by forked DataLoader workers."""
+    cached = train_xmdpt.training_data(tiny_config(synth, demo_cache), None)
+    keys = [(i, 100 + i) for i in range(6)]
+    single = list(DataLoader(SeededDataset(cached), batch_size=3, sampler=keys, num_workers=0))
+    multi = list(DataLoader(SeededDataset(cached), batch_size=3, sampler=keys, num_workers=2,
+                            multiprocessing_context="fork"))
+    for a, b in zip(single, multi):
+        assert all(torch.equal(a[k], b[k]) for k in ("pose", "image", "target_mean", "source_logvar"))
+
+
 def test_logs_checkpoints_and_samples(synth, tmp_path):
     cfg = tiny_config(synth, max_steps=4, log_every=2, ckpt_every=2)
     cfg["train"]["sample_every"] = 4
@@ -109,14 +129,17 @@ def test_logs_checkpoints_and_samples(synth, tmp_path):
     train_xmdpt.train(cfg, tmp_path)
     rows = read_log(tmp_path)
     assert [r["step"] for r in rows] == ["2", "4"]
-    assert set(train_xmdpt.LOG_COLUMNS) <= set(rows[0])
+    assert list(rows[0]) == ["step", "total", "plain_loss", "plain_mse", "plain_vb", "masked_loss", "masked_mse",
+                             "masked_vb", "lr", "steps_per_s"]
+    for row in rows:
+        assert float(row["total"]) == pytest.approx(float(row["plain_loss"]) + float(row["masked_loss"]), rel=1e-6)
+        assert float(row["plain_loss"]) == pytest.approx(float(row["plain_mse"]) + float(row["plain_vb"]), rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000002.pt", "0000004.pt"]
     assert (tmp_path / "samples" / "0000004.png").is_file()
     assert list((tmp_path / "tensorboard").iterdir())
     ckpt = torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)
-    assert ckpt["step"] == 4 and set(ckpt) >= {"model", "ema", "opt", "config", "arch", "rng"}
-    from models import load_checkpoint
-    assert load_checkpoint(tmp_path / "checkpoints" / "0000004.pt").arch == ckpt["arch"]
+    assert ckpt["step"] == 4 and set(ckpt) == {"model", "ema", "opt", "step", "model_config", "run_config", "rng"}
+    assert load_checkpoint(tmp_path / "checkpoints" / "0000004.pt").config == XMDPTConfig(**ckpt["model_config"])
     with pytest.raises(FileExistsError, match="--resume"):
         train_xmdpt.train(cfg, tmp_path)
 
@@ -132,7 +155,7 @@ def test_resume_refuses_another_config(synth, tmp_path):
 
 def fail_at_call(monkeypatch, n, action):
     """Make the n-th training step's objective call `action(terms)` (or raise it, for an exception)."""
-    real = train_xmdpt.Objective.forward
+    real = Objective.forward
     calls = []
 
     def patched(self, *args):
@@ -142,7 +165,7 @@ def fail_at_call(monkeypatch, n, action):
         terms = real(self, *args)
         return action(terms) if len(calls) == n else terms
 
-    monkeypatch.setattr(train_xmdpt.Objective, "forward", patched)
+    monkeypatch.setattr(Objective, "forward", patched)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
@@ -151,6 +174,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypa
     with pytest.raises(FloatingPointError, match="step 3.*0000002.pt"):
         train_xmdpt.train(cfg, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt"]
+    assert [r["step"] for r in read_log(tmp_path)] == ["1", "2"]  # nothing non-finite was logged either
+
+
+def test_nan_loss_between_log_rows_names_its_step(synth, tmp_path, monkeypatch):
+    """The loop never waits for the device: a non-finite loss is noticed at the next log row (here step 4), and
+    the error still names the step it happened at, 3."""
+    cfg = tiny_config(synth, max_steps=6, ckpt_every=100, log_every=4)
+    fail_at_call(monkeypatch, 3, lambda terms: dict(terms, total=terms["total"] * float("inf")))
+    with pytest.raises(FloatingPointError, match=r"step 3; .*none \(no checkpoint written yet\)"):
+        train_xmdpt.train(cfg, tmp_path)
+    assert read_log(tmp_path) == [] and not list((tmp_path / "checkpoints").iterdir())
 
 
 def test_ctrl_c_writes_a_checkpoint(synth, tmp_path, monkeypatch):
@@ -190,7 +224,7 @@ def test_two_processes_with_gloo(synth, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_log(tmp_path / "run")
     assert [r["step"] for r in rows] == ["1", "2", "3"]
-    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert all(np.isfinite(float(r["total"])) for r in rows)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2
 
@@ -208,7 +242,7 @@ def test_overrides_read_exponents_as_floats(tmp_path):
 def tiny_model(**kw):
     arch = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, pose_dim=16,
                 image_dim=24, dino_tokens=5, cond_drop=0.0)
-    model = train_xmdpt.XMDPT(**dict(arch, **kw))
+    model = XMDPT(**dict(arch, **kw))
     torch.manual_seed(1)
     for p in model.parameters():
         p.data.normal_(0, 0.1)  # a fresh model outputs zeros, and most of its gradients are zero
@@ -216,7 +250,6 @@ def tiny_model(**kw):
 
 
 def tiny_batch(model, n=3):
-    a = model.arch
     g = torch.Generator().manual_seed(3)
     return (torch.rand(n, 4, 8, 8, generator=g) * 2 - 1, torch.randn(n, 5, 16, generator=g),
             torch.randn(n, 5, 24, generator=g), torch.randn(n, 4, 8, 8, generator=g))
@@ -227,9 +260,9 @@ def test_objective_total_is_the_plain_plus_the_masked_loss():
     and masking replayed from the same random numbers the objective drew."""
     model = tiny_model()
     x0, pose, image, source = tiny_batch(model)
-    diffusion = train_xmdpt.Diffusion()
+    diffusion = Diffusion()
     torch.manual_seed(7)
-    terms = train_xmdpt.Objective(model, diffusion)(x0, pose, image, source)
+    terms = Objective(model, diffusion)(x0, pose, image, source)
     torch.manual_seed(7)
     t = torch.randint(0, 1000, (3,))
     noise = torch.randn(x0.shape)
@@ -237,8 +270,8 @@ def test_objective_total_is_the_plain_plus_the_masked_loss():
     cond = dict(pose=pose, image=image, source=source)
     plain = diffusion.training_losses(model, x0, t, cond, noise)["loss"].mean()
     masked = diffusion.training_losses(model, x0, t, dict(cond, mask=True, mask_noise=mask_noise), noise)["loss"].mean()
-    torch.testing.assert_close(terms["loss"], plain, rtol=1e-6, atol=0)
-    torch.testing.assert_close(terms["m_loss"], masked, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["plain_loss"], plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["masked_loss"], masked, rtol=1e-6, atol=0)
     torch.testing.assert_close(terms["total"], plain + masked, rtol=1e-6, atol=0)
     params = [p for p in model.parameters()]
     got = torch.autograd.grad(terms["total"], params, allow_unused=True)
@@ -256,16 +289,16 @@ def test_objective_without_mipnet_is_the_plain_loss():
     model = tiny_model(mipnet="none")
     x0, pose, image, source = tiny_batch(model)
     torch.manual_seed(7)
-    terms = train_xmdpt.Objective(model, train_xmdpt.Diffusion())(x0, pose, image, source)
-    assert not [k for k in terms if k.startswith("m_")]
-    assert terms["total"] is terms["loss"] or torch.equal(terms["total"], terms["loss"])
+    terms = Objective(model, Diffusion())(x0, pose, image, source)
+    assert sorted(terms) == ["plain_loss", "plain_mse", "plain_vb", "total"]
+    assert torch.equal(terms["total"], terms["plain_loss"])
 
 
 def run_recording(synth, tmp_path, monkeypatch, **train):
     """Train the tiny config for 2 steps, recording the gradient of every objective call's total (taken
     before the loop's own backward) and the gradients the optimizer applies at each step."""
     cfg = tiny_config(synth, max_steps=2, log_every=1, ckpt_every=1, **train)
-    real = train_xmdpt.Objective.forward
+    real = Objective.forward
     per_call, applied = [], []
 
     def recording(self, *args):
@@ -277,7 +310,7 @@ def run_recording(synth, tmp_path, monkeypatch, **train):
     def before_step(opt, args, kwargs):
         applied.append([p.grad.clone() for group in opt.param_groups for p in group["params"]])
 
-    monkeypatch.setattr(train_xmdpt.Objective, "forward", recording)
+    monkeypatch.setattr(Objective, "forward", recording)
     handle = register_optimizer_step_pre_hook(before_step)
     try:
         train_xmdpt.train(cfg, tmp_path)

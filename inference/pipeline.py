@@ -1,0 +1,109 @@
+"""The inference pipeline: X-MDPT and its frozen encoders, loaded once; source images and target poses in,
+images of the sources' people in the target poses out. infer_xmdpt.py, the web app, training's sample grids
+and the analysis scripts all generate through it.
+"""
+from pathlib import Path
+
+import torch
+
+from configs import load_config, model_config
+from data.pose import draw_skeleton, to_image_coords
+from models import XMDPT, Diffusion
+from models.checkpoint import check_fits, read_checkpoint, strict_load
+from models.encoders import build_encoders
+
+SAMPLERS = ("ddim", "dpm++")
+
+
+@torch.no_grad()
+def encode_pairs(encoders, sources, skeletons, seeds=None, device="cpu"):
+    """What the model is conditioned on, for pairs of sources (N, 3, S, S) in [-1, 1] and target skeletons
+    (N, 3, S, S) in [0, 1]: DINOv2 tokens of the skeletons (`pose`) and of the sources (`image`), and the
+    sources' latents (`source`). With `seeds` (one int per pair), each pair's generator draws its source's
+    posterior sample, then its starting noise (`noise`), so a pair's image does not depend on its batch;
+    without, the latents are the posterior means (deterministic) and there is no noise."""
+    sources, skeletons = sources.to(device), skeletons.to(device)
+    mean, logvar = encoders.first_stage.moments(sources)  # (N, C, h, w) each
+    inputs = {"pose": encoders.pose(skeletons), "image": encoders.image(sources)}
+    if seeds is None:
+        return dict(inputs, source=mean * encoders.first_stage.scale)
+    if len(seeds) != len(sources):
+        raise ValueError(f"need one seed per pair: {len(sources)} pairs, {len(seeds)} seeds")
+    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    source = torch.cat([encoders.first_stage.sample_from_moments(m[None], l[None], generator=g)
+                        for m, l, g in zip(mean, logvar, gens)])
+    noise = torch.cat([torch.randn(source[:1].shape, generator=g, device=device) for g in gens])
+    return dict(inputs, source=source, noise=noise)
+
+
+class Pipeline:
+    """model: an XMDPT; encoders: models.encoders.Encoders; size: the image side S; sample: the defaults of
+    the sampling settings (the config's `sample` section: steps, cfg_scale, scale_pow, clip_denoised)."""
+
+    def __init__(self, model, encoders, size, sample, device="cpu", description="X-MDPT"):
+        self.device = torch.device(device)
+        self.model, self.encoders = model.to(self.device).eval(), encoders.to(self.device)
+        self.size, self.sample_defaults, self.description = size, dict(sample), description
+        self.diffusion = Diffusion()
+
+    @classmethod
+    def from_config(cls, config, checkpoint, device="cpu"):
+        """The pipeline of a config (a YAML path or a loaded dict) and a checkpoint (any file
+        models.load_checkpoint reads). The checkpoint is checked against the config before any encoder is
+        built, so a mismatch costs no time."""
+        cfg = load_config(config) if isinstance(config, (str, Path)) else config
+        ckpt = read_checkpoint(checkpoint)
+        check_fits(ckpt.config, model_config(cfg), f"--ckpt {checkpoint}")
+        model = strict_load(XMDPT(ckpt.config), ckpt.weights, f"--ckpt {checkpoint}")
+        encoders = build_encoders(cfg["encoders"], device)
+        description = f"{cfg['model']['preset']} ({Path(str(checkpoint)).name}, {cfg['data']['size']}px)"
+        return cls(model, encoders, cfg["data"]["size"], cfg["sample"], device, description)
+
+    def skeletons(self, keypoints):
+        """Keypoints (N, 18, 2) in the DeepFashion convention (data.pose) -> skeletons (N, 3, S, S) in [0, 1]."""
+        size = (self.size, self.size)
+        return torch.stack([draw_skeleton(to_image_coords(k, size), size) for k in keypoints])
+
+    def encode(self, sources, skeletons, seeds=None):
+        """`encode_pairs` with this pipeline's encoders."""
+        return encode_pairs(self.encoders, sources, skeletons, seeds, self.device)
+
+    @torch.no_grad()
+    def denoise(self, inputs, steps=None, cfg_scale=None, scale_pow=None, sampler="ddim", progress=False):
+        """Latents from `encode`'s output (with seeds). Settings left None take the config's defaults; sampler:
+        'ddim' (the released sampler) or 'dpm++' (DPM-Solver++); progress: a tqdm bar over the steps."""
+        d = self.sample_defaults
+        steps, cfg_scale = steps or d["steps"], d["cfg_scale"] if cfg_scale is None else cfg_scale
+        scale_pow = d["scale_pow"] if scale_pow is None else scale_pow
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            fn = self.model.guided(inputs["pose"], inputs["image"], inputs["source"], cfg_scale, scale_pow)
+            if sampler == "dpm++":
+                return self.diffusion.dpm_solver_sample(fn, inputs["noise"], steps=steps, progress=progress)
+            return self.diffusion.ddim_sample(fn, inputs["noise"], steps=steps, progress=progress,
+                                              clip_denoised=d["clip_denoised"])
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Latents -> images (N, 3, S, S) in [-1, 1], on the CPU."""
+        return self.encoders.first_stage.decode(latents.float()).clamp(-1, 1).cpu()
+
+    def sample(self, inputs, **settings):
+        """Images (N, 3, S, S) in [-1, 1], on the CPU, from `encode`'s output: `denoise`, then `decode`."""
+        return self.decode(self.denoise(inputs, **settings))
+
+    def __call__(self, sources, skeletons=None, keypoints=None, seeds=(0,), **settings):
+        """Generate: sources (N, 3, S, S) in [-1, 1]; the target pose of each as skeletons (N, 3, S, S) in
+        [0, 1] or as keypoints (N, 18, 2) in the DeepFashion convention; one seed per pair; `sample`'s
+        settings. -> images (N, 3, S, S) in [-1, 1], on the CPU."""
+        if (skeletons is None) == (keypoints is None):
+            raise ValueError("give the target poses as skeletons or as keypoints, not both")
+        if skeletons is None:
+            skeletons = self.skeletons(keypoints)
+        expected = (len(sources), 3, self.size, self.size)
+        for name, images in (("sources", sources), ("skeletons", skeletons)):
+            if tuple(images.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected} for this {self.size}px model, "
+                                 f"got {tuple(images.shape)}")
+        return self.sample(self.encode(sources, skeletons, seeds), **settings)
