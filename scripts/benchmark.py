@@ -186,11 +186,17 @@ def measure_training(name, batch, device, cached, repeats):
     objective = Objective(model, Diffusion())
     ema = XMDPT(model.config).to(device).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    nets = encoders(device)
     pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
-    features = nets.features(pixels, pixels, pixels * 0.5 + 0.5)
-    if cached:
-        nets.pose = nets.image = None
+    if cached:  # what a feature cache holds for the batch; only the first stage is built
+        nets = Encoders(None, None, VAEFirstStage.from_config(SD_VAE)).to(device)
+        c = model.config
+        moments = lambda: torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
+        features = {"pose": torch.randn(batch, c.dino_tokens, c.pose_dim, device=device),
+                    "image": torch.randn(batch, c.dino_tokens, c.image_dim, device=device),
+                    "target_mean": moments(), "target_logvar": moments(), "source_mean": moments(),
+                    "source_logvar": moments()}
+    else:
+        nets = encoders(device)
 
     def step():
         ready = features if cached else nets.features(pixels, pixels, pixels * 0.5 + 0.5)
