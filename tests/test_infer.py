@@ -273,3 +273,21 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for folder in ("target", "source", "grids"):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == names
     assert identity_hits(tmp_path, names) >= 0.35
+
+
+@pytest.mark.cuda
+def test_sampling_loop_never_waits_for_the_device(setup):
+    """After a warm-up, the DDIM loop makes no synchronising CUDA call (torch's sync debug mode turns one into
+    an error)."""
+    tmp, cfg = setup
+    pipe = Pipeline.from_config(cfg, tmp / "tiny", device="cuda")
+    pairs = PairDataset(cfg["data"]["root"], SIZE, "test")
+    inputs = pipe.encode(pairs[0]["source"][None], pairs[0]["target_skeleton"][None], seeds=[0])
+    pipe.denoise(inputs, steps=3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        latents = pipe.denoise(inputs, steps=3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(latents).all()

@@ -349,3 +349,19 @@ def test_ema_moves_towards_the_weights_by_one_minus_decay(synth, tmp_path):
         torch.testing.assert_close(ema, expected, rtol=1e-5, atol=1e-7)
     gap = max((second["model"][k] - first["ema"][k]).abs().max().item() for k in second["ema"])
     assert gap > 1e-3  # the weights did move away from the EMA, so a wrong decay would show
+
+
+@pytest.mark.cuda
+def test_training_step_never_waits_for_the_device(synth, tmp_path):
+    """After a warm-up step, a training step makes no synchronising CUDA call (torch's sync debug mode turns
+    one into an error): losses stay on the device until a log row."""
+    cfg = tiny_config(synth, max_steps=3)
+    run = train_xmdpt.Run(cfg, tmp_path, None, 0, 1, torch.device("cuda"))
+    run.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert run.sums.first_bad_step(1) is None
