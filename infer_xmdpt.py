@@ -1,8 +1,9 @@
 """Generate people in new poses with X-MDPT.
 
-  python infer_xmdpt.py                                   # the demo: bundled checkpoint, synthetic test pairs
+  python infer_xmdpt.py                                   # the demo: bundled model, synthetic test pairs
   python infer_xmdpt.py --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s_ema_0.9999_300000.pt \\
       --data datasets/deepfashion --out outputs/xmdpt_s  # every DeepFashion test pair
+  torchrun --nproc_per_node 4 infer_xmdpt.py --config ... --ckpt ... --data ... --out ...   # the same on 4 GPUs
   python infer_xmdpt.py --config configs/xmdpt_s.yaml --ckpt ... --source me.jpg --target-pose pose.json
   python infer_xmdpt.py --config configs/xmdpt_s.yaml --ckpt ... --source me.jpg --target-pose-from you.jpg
 
@@ -10,41 +11,66 @@ Test pairs are written as <out>/generated/{name}.png with the ground truth <out>
 source <out>/source/{name}.png under the same name ({source}_2_{target}_vis, see eval/fid_ssim_lpips.py),
 plus <out>/grids/{name}.png (source | target | skeleton | generated). Pairs already written are skipped, so
 an interrupted run continues; --overwrite regenerates them. Each pair's noise comes from --seed and its
-index, so results do not depend on the batch size.
+index, so results do not depend on the batch size or the number of processes.
+
+Own photos (--source) must show a person (MediaPipe Pose, requirements-photo.txt finds them). Each photo is
+framed around its person as DeepFashion frames a figure (--framing whole: the whole photo). The keypoints
+found on each photo are written to <out>/poses/{photo}.json (OpenPose format, DeepFashion convention: pass a
+corrected one back with --target-pose) with <out>/poses/{photo}_skeleton.png, the skeleton over the framed
+photo. A missing or unreadable file, a photo with no person, too few joints or a checkpoint that does not
+fit the config ends the run with one line that says so, and exit status 2 (--debug: the traceback).
 """
 import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from configs import load_config
-from data.pose import MISSING, draw_skeleton, load_keypoints, to_image_coords
+from data.photo import FRAMINGS, read_photo
 from inference import Pipeline
+from inference.distributed import barrier, setup_distributed, teardown
 from inference.pairs import generate_pairs, grid_row, mean_scores, save_png
+from inference.photos import generate, pose_file, pose_photo, save_pose, source_photo
 
 ROOT = Path(__file__).resolve().parent
-MIN_JOINTS = 4  # a target pose with fewer visible joints says too little to be drawn
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_CKPT = ROOT / "assets" / "xmdpt_demo"
 
 
-def photo_inputs(args, size):
-    """(source image, target skeleton, output name) for --source with --target-pose(-from)."""
-    from data.photo import fit_photo, keypoints_from_photo, read_photo
-    source, _ = fit_photo(read_photo(args.source), size)
+def own_photo(args, pipe, out, settings):
+    """--source with --target-pose(-from): one image, its grid, and the poses found on the photos."""
+    source_rgb = read_photo(args.source)
+    source = source_photo(source_rgb, pipe.size, args.source, args.framing)
+    found = [(Path(args.source).stem, source_rgb, source)]
     if args.target_pose_from:
-        keypoints = keypoints_from_photo(args.target_pose_from, size, min_joints=MIN_JOINTS)
-        pose_name = Path(args.target_pose_from).stem
+        pose_rgb = read_photo(args.target_pose_from)
+        target = pose_photo(pose_rgb, pipe.size, args.target_pose_from, args.framing)
+        keypoints = target.keypoints
+        found.append((Path(args.target_pose_from).stem, pose_rgb, target))
     else:
-        keypoints = load_keypoints(args.target_pose)
-        visible = int((keypoints != MISSING).all(axis=1).sum())
-        if visible < MIN_JOINTS:
-            raise ValueError(f"{args.target_pose}: only {visible} of 18 joints are visible; a target pose needs "
-                             f"at least {MIN_JOINTS}")
-        pose_name = Path(args.target_pose).stem
-    skeleton = draw_skeleton(to_image_coords(keypoints, (size, size)), (size, size))
-    return source, skeleton, f"{Path(args.source).stem}_2_{pose_name}"
+        keypoints = pose_file(args.target_pose)
+    path = out / "generated" / f"{Path(args.source).stem}_2_{Path(args.target_pose or args.target_pose_from).stem}.png"
+    if path.exists() and not args.overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    image = generate(pipe, source, keypoints, args.seed, **settings)
+    save_png(image, path)
+    save_png(grid_row(source.image, pipe.skeletons([keypoints])[0] * 2 - 1, image), out / "grids" / path.name)
+    poses = [save_pose(rgb, framed, out / "poses", name) for name, rgb, framed in found]
+    print(f"wrote {path} and {out / 'grids' / path.name}; the poses found: {', '.join(map(str, poses))}")
+
+
+def test_pairs(args, cfg, pipe, out, settings, rank, world):
+    """Every test pair (or --limit), split across the processes; the scores once, at the end."""
+    names, generated = generate_pairs(pipe, args.data or cfg["data"]["root"], out, args.batch_size, args.seed,
+                                      args.limit, args.overwrite, not args.no_grids, rank, world, barrier, **settings)
+    if world > 1:
+        print(f"process {rank + 1} of {world}: generated {generated} pairs")
+    barrier()
+    if rank == 0:
+        scores = mean_scores(out, names)
+        print(f"wrote {len(names)} pairs to {out}/generated (targets in {out}/target, sources in {out}/source, "
+              f"grids in {out}/grids)")
+        print(f"mean SSIM / PSNR against the targets: generated {scores['generated'][0]:.4f} / "
+              f"{scores['generated'][1]:.2f} dB, sources {scores['source'][0]:.4f} / {scores['source'][1]:.2f} dB")
 
 
 def ensure_demo_data(cfg):
@@ -74,11 +100,19 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="generate only the first N test pairs")
     p.add_argument("--no-grids", action="store_true", help="do not write <out>/grids")
     p.add_argument("--overwrite", action="store_true", help="regenerate outputs that already exist")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--source", help="your own photo of a person (instead of the dataset's test pairs)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun each "
+                                    "process takes the GPU of its local rank)")
+    p.add_argument("--source", help="your own photo of a person (instead of the dataset's test pairs); it must show "
+                                    "a person (MediaPipe Pose, requirements-photo.txt)")
+    p.add_argument("--framing", choices=FRAMINGS, default="person",
+                   help="how own photos are framed: person (default) crops around the person with a margin, then "
+                        "pads to DeepFashion's 176:256 aspect; whole pads and resizes the whole photo")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--target-pose", help="target keypoints: a DeepFashion .txt or an OpenPose .json file")
-    g.add_argument("--target-pose-from", help="another photo whose pose (MediaPipe Pose) is the target")
+    g.add_argument("--target-pose", help="target keypoints: a DeepFashion .txt or an OpenPose .json file, in the "
+                                         "DeepFashion convention (as <out>/poses/*.json are written)")
+    g.add_argument("--target-pose-from", help="another photo whose pose (MediaPipe Pose) is the target, framed as "
+                                              "--framing says")
     args = p.parse_args(argv)
     if args.source and not (args.target_pose or args.target_pose_from):
         p.error("--source needs --target-pose or --target-pose-from")
@@ -89,32 +123,35 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
     demo = args.config is None
     cfg = load_config(args.config or DEMO_CONFIG)
-    if demo and args.data is None:
-        ensure_demo_data(cfg)
-    out = Path(args.out)
-    pipe = Pipeline.from_config(cfg, args.ckpt or DEMO_CKPT, args.device)
-    settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, sampler=args.sampler)
-    if args.source:
-        source, skeleton, name = photo_inputs(args, pipe.size)
-        path = out / "generated" / f"{name}.png"
-        if path.exists() and not args.overwrite:
-            sys.exit(f"{path} exists; pass --overwrite to replace it")
-        image = pipe(source[None], skeletons=skeleton[None], seeds=[args.seed], **settings)[0]
-        save_png(image, path)
-        save_png(grid_row(source, skeleton * 2 - 1, image), out / "grids" / f"{name}.png")
-        print(f"wrote {path} and {out / 'grids' / f'{name}.png'}")
-        return
-    names = generate_pairs(pipe, args.data or cfg["data"]["root"], out, args.batch_size, args.seed, args.limit,
-                           args.overwrite, not args.no_grids, **settings)
-    scores = mean_scores(out, names)
-    print(f"wrote {len(names)} pairs to {out}/generated (targets in {out}/target, sources in {out}/source, "
-          f"grids in {out}/grids)")
-    print(f"mean SSIM / PSNR against the targets: generated {scores['generated'][0]:.4f} / "
-          f"{scores['generated'][1]:.2f} dB, sources {scores['source'][0]:.4f} / {scores['source'][1]:.2f} dB")
+    rank, world, device = setup_distributed()
+    try:
+        if demo and args.data is None and rank == 0:
+            ensure_demo_data(cfg)
+        barrier()
+        pipe = Pipeline.from_config(cfg, args.ckpt or DEMO_CKPT, args.device or device)
+        settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, sampler=args.sampler)
+        if args.source:
+            own_photo(args, pipe, Path(args.out), settings)
+        else:
+            test_pairs(args, cfg, pipe, Path(args.out), settings, rank, world)
+    finally:
+        teardown()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print("infer_xmdpt.py: error: " + "; ".join(line.strip() for line in str(message).splitlines() if line.strip()),
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

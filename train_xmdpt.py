@@ -12,7 +12,6 @@ exactly.
 import argparse
 import contextlib
 import csv
-import os
 import random
 import sys
 import time
@@ -32,6 +31,7 @@ from data.deepfashion import PairDataset
 from data.files import atomic_path
 from data.sampler import ResumableSampler, SeededDataset
 from inference.pipeline import Pipeline, encode_pairs
+from inference.distributed import setup_distributed, teardown
 from inference.pairs import pair_seed
 from models import XMDPT, Diffusion
 from models.checkpoint import read_checkpoint
@@ -55,20 +55,7 @@ def train(cfg, out, resume=False):
         run.loop()
         return run.model, run.ema
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup_distributed():
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+        teardown()
 
 
 # ------------------------------------------------------------------------------------------------- resume

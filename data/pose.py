@@ -42,13 +42,13 @@ RAW_HEIGHT = 256.0
 
 
 def load_keypoints(path, min_confidence=0.1):
-    """Read 18 keypoints as a float32 (18, 2) array with (-1, -1) for a missing joint.
+    """Read 18 keypoints as a float32 (18, 2) array with (-1, -1) for a missing joint, in the DeepFashion
+    convention of `to_image_coords` (the frame of DeepFashion's 256x256 low-resolution images: the 176-pixel
+    wide picture between 40-pixel borders), whatever the format.
 
-    `.json`: OpenPose output; the first person's `pose_keypoints_2d`, COCO-18 (54 values) or BODY_25
+    `.json`: OpenPose's format; the first person's `pose_keypoints_2d`, COCO-18 (54 values) or BODY_25
     (75 values, converted to COCO-18); joints with confidence below `min_confidence` are missing.
-    Coordinates are pixels of the image OpenPose saw.
-    Anything else: a DeepFashion pose file, 18 lines "x y" in the convention of `to_image_coords`; a joint
-    with either coordinate -1 is missing.
+    Anything else: a DeepFashion pose file, 18 lines "x y"; a joint with either coordinate -1 is missing.
     """
     path = Path(path)
     if not path.is_file():
@@ -99,6 +99,29 @@ def _load_openpose_json(path, min_confidence):
     keypoints = joints[:, :2].astype(np.float32)
     keypoints[joints[:, 2] < min_confidence] = MISSING
     return keypoints
+
+
+def visible_joints(keypoints):
+    """How many of the 18 joints are present (neither coordinate is -1)."""
+    return int((np.asarray(keypoints) != MISSING).all(axis=1).sum())
+
+
+def require_joints(keypoints, name, minimum, where=""):
+    """ValueError naming `name` unless at least `minimum` joints are present."""
+    found = visible_joints(keypoints)
+    if found < minimum:
+        raise ValueError(f"{name}: only {found} of {NUM_JOINTS} joints found{' ' + where if where else ''}; "
+                         f"a pose needs at least {minimum}")
+
+
+def save_openpose_json(keypoints, path):
+    """Write keypoints (18, 2) as OpenPose COCO-18 JSON (x, y, confidence: 1 for a joint, 0 0 0 when missing),
+    the format `load_keypoints` reads back."""
+    values = []
+    for x, y in np.asarray(keypoints, dtype=np.float64):
+        values += [0.0, 0.0, 0.0] if MISSING in (x, y) else [float(x), float(y), 1.0]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"version": 1.3, "people": [{"pose_keypoints_2d": values}]}))
 
 
 def _check_keypoints(keypoints):
@@ -165,3 +188,9 @@ def draw_skeleton(keypoints, size):
     skeleton = torch.from_numpy(np.ascontiguousarray(canvas[:, :, ::-1])).permute(2, 0, 1).float() / 255
     peak = skeleton.max()
     return skeleton / peak if peak > 0 else skeleton
+
+
+def overlay(image, skeleton):
+    """A skeleton (3, H, W) in [0, 1] drawn over an image (3, H, W) in [-1, 1]: its coloured pixels replace the
+    image's. -> (3, H, W) in [-1, 1]."""
+    return torch.where(skeleton.amax(0, keepdim=True) > 0, skeleton * 2 - 1, image)

@@ -37,21 +37,29 @@ def grid_row(*images):
     return torch.cat([image.cpu() for image in images], dim=-1)
 
 
-def generate_pairs(pipe, data_root, out, batch_size=16, seed=0, limit=None, overwrite=False, grids=True,
-                   **settings):
-    """Generate every test pair of `data_root` (or the first `limit`); returns the names of all of them. Pairs
-    whose outputs exist are skipped unless `overwrite`; `settings` go to the pipeline's sampler."""
+def generate_pairs(pipe, data_root, out, batch_size=16, seed=0, limit=None, overwrite=False, grids=True, rank=0,
+                   world=1, barrier=None, **settings):
+    """Generate every test pair of `data_root` (or the first `limit`); returns the names of all of them and how
+    many this process generated. Pairs whose outputs exist are skipped unless `overwrite`; `settings` go to the
+    pipeline's sampler.
+
+    Across `world` processes (torchrun), process `rank` takes every world-th batch of the batches a single
+    process would make, so each pair is generated in the same batch, and comes out the same; every process
+    lists what exists before any writes (`barrier`, called in between, waits for all of them).
+    """
     out = Path(out)
     pairs = PairDataset(data_root, pipe.size, "test")
     count = len(pairs) if limit is None else min(limit, len(pairs))
     names = [pairs.pair_name(i) for i in range(count)]
     todo = [i for i, name in enumerate(names)
             if overwrite or not all((out / kind / f"{name}.png").is_file() for kind in KINDS)]
-    if len(todo) < count:
+    if barrier is not None:
+        barrier()
+    if len(todo) < count and rank == 0:
         print(f"{count - len(todo)} of {count} pairs already generated in {out}; skipping them "
               f"(--overwrite regenerates)")
-    for start in tqdm(range(0, len(todo), batch_size), desc="pairs", unit="batch"):
-        batch = todo[start:start + batch_size]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)][rank::world]
+    for batch in tqdm(batches, desc="pairs", unit="batch", disable=rank != 0):
         items = [pairs[i] for i in batch]
         stack = lambda k: torch.stack([it[k] for it in items])
         images = pipe(stack("source"), skeletons=stack("target_skeleton"), seeds=[pair_seed(seed, i) for i in batch],
@@ -64,7 +72,7 @@ def generate_pairs(pipe, data_root, out, batch_size=16, seed=0, limit=None, over
             if grids:
                 save_png(grid_row(item["source"], item["target"], item["target_skeleton"] * 2 - 1, image),
                          out / "grids" / f"{name}.png")
-    return names
+    return names, sum(len(batch) for batch in batches)
 
 
 def mean_scores(out, names):

@@ -1,6 +1,9 @@
 """Inference: test pairs with matching names, resumable output, own photos, clear errors, and the demo."""
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,8 @@ import infer_xmdpt
 from configs import load_config, model_config
 from conftest import optional
 from data.deepfashion import PairDataset
-from data.photo import _pose_solution
+from data.photo import _pose_solution, frame_photo, read_photo
+from data.pose import load_keypoints
 from data.synthetic import make_synthetic
 from inference import Pipeline
 from inference.pairs import to_uint8
@@ -175,11 +179,23 @@ def test_dpm_solver_option(setup, tmp_path):
     assert len(list((tmp_path / "generated").iterdir())) == 1
 
 
+def fails(setup, capsys, *argv):
+    """Run infer_xmdpt.py's main on the tiny model; the error line it printed, after checking that it exited
+    with status 2 and printed one line, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run(setup, *argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("infer_xmdpt.py: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
 @pytest.mark.parametrize("override, difference", [("model.hidden_size=64", "hidden_size: 32 in the checkpoint, 64"),
                                                    ("model.prediction=eps", "prediction: v in the checkpoint, eps"),
                                                    ("encoders.image.dinov2=vitb14",
                                                     "image_dim: 384 in the checkpoint, 768")])
-def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup, tmp_path, monkeypatch,
+def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup, tmp_path, monkeypatch, capsys,
                                                                           override, difference):
     """Every field that differs is named, and no encoder is built first (DINOv2-G alone is 1B parameters)."""
     tmp, cfg = setup
@@ -191,48 +207,133 @@ def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup,
         raise AssertionError("built the encoders before checking the checkpoint")
 
     monkeypatch.setattr("inference.pipeline.build_encoders", no_encoders)
-    with pytest.raises(ValueError, match=rf"--ckpt .*tiny does not fit the config:\n  {difference} in the config"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
         infer_xmdpt.main(["--config", str(tmp_path / "other.yaml"), "--ckpt", str(tmp / "tiny"),
                           "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2
+    assert re.fullmatch(rf"infer_xmdpt.py: error: --ckpt .*tiny does not fit the config:; {difference} in the config\n",
+                        capsys.readouterr().err)
+    with pytest.raises(ValueError, match=difference):
+        infer_xmdpt.main(["--config", str(tmp_path / "other.yaml"), "--ckpt", str(tmp / "tiny"),
+                          "--out", str(tmp_path / "out"), "--debug"])
 
 
-def test_own_photo_with_a_keypoint_file(setup, tmp_path):
-    from skimage.data import astronaut
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Real photographs (scikit-image's): a person, and things with no person in them."""
+    data = optional("skimage.data")
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.fixture
+def mediapipe():
+    optional("MediaPipe Pose", _pose_solution)
+
+
+def test_own_photo_with_a_keypoint_file(setup, photos, mediapipe, tmp_path):
+    """The source is framed around its person; the keypoints found on it are written as OpenPose JSON in the
+    DeepFashion convention (the framed photo's keypoints) with a skeleton drawn over the photo."""
     tmp, _ = setup
-    Image.fromarray(astronaut()).save(tmp_path / "astronaut.png")
     pose = next((tmp / "data" / "pose").rglob("*.txt"))
-    run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"), "--target-pose", str(pose))
+    run(setup, tmp_path / "out", "--source", str(photos / "astronaut.png"), "--target-pose", str(pose))
     out = tmp_path / "out" / "generated" / f"astronaut_2_{pose.stem}.png"
     assert Image.open(out).size == (SIZE, SIZE)
     assert Image.open(tmp_path / "out" / "grids" / out.name).size == (3 * SIZE, SIZE)
-    with pytest.raises(SystemExit, match="exists"):
-        run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"), "--target-pose", str(pose))
+    framed = frame_photo(read_photo(photos / "astronaut.png"), SIZE)
+    np.testing.assert_array_equal(load_keypoints(tmp_path / "out" / "poses" / "astronaut.json"), framed.keypoints)
+    assert Image.open(tmp_path / "out" / "poses" / "astronaut_skeleton.png").size == (256, 256)
+    with pytest.raises(SystemExit):
+        run(setup, tmp_path / "out", "--source", str(photos / "astronaut.png"), "--target-pose", str(pose))
 
 
-def test_unreadable_photo_is_named(setup, tmp_path):
+def test_a_saved_pose_gives_the_same_image_as_its_photo(setup, photos, mediapipe, tmp_path):
+    """--target-pose-from a photo (framed around its person, as the source is), then --target-pose with the
+    JSON written for it: the same image."""
+    mirrored = read_photo(photos / "astronaut.png")[:, ::-1].copy()
+    Image.fromarray(mirrored).save(tmp_path / "mirrored.png")
+    run(setup, tmp_path / "a", "--source", str(photos / "astronaut.png"), "--target-pose-from",
+        str(tmp_path / "mirrored.png"))
+    saved = tmp_path / "a" / "poses" / "mirrored.json"
+    np.testing.assert_array_equal(load_keypoints(saved), frame_photo(mirrored, SIZE).keypoints)
+    run(setup, tmp_path / "b", "--source", str(photos / "astronaut.png"), "--target-pose", str(saved))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "generated" / "astronaut_2_mirrored.png")),
+                          np.asarray(Image.open(tmp_path / "b" / "generated" / "astronaut_2_mirrored.png")))
+
+
+@pytest.mark.parametrize("role", ["source", "pose"])
+def test_photo_without_a_person_ends_in_one_line(setup, photos, mediapipe, tmp_path, capsys, role):
+    """A cup of coffee as the source or as the pose photo: one line naming it, exit status 2."""
+    argv = ["--source", str(photos / "coffee.png"), "--target-pose-from", str(photos / "astronaut.png")] \
+        if role == "source" else ["--source", str(photos / "astronaut.png"), "--target-pose-from",
+                                  str(photos / "coffee.png")]
+    err = fails(setup, capsys, tmp_path / "out", *argv)
+    assert "coffee.png: no person found" in err
+    assert not (tmp_path / "out" / "generated").exists()
+
+
+def test_user_errors_end_in_one_line(setup, photos, mediapipe, tmp_path, capsys):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    pose = next((setup[0] / "data" / "pose").rglob("*.txt"))
-    with pytest.raises(ValueError, match="broken.jpg"):
-        run(setup, tmp_path / "out", "--source", str(tmp_path / "broken.jpg"), "--target-pose", str(pose))
-
-
-def test_target_pose_with_too_few_joints_is_named(setup, tmp_path):
-    from skimage.data import astronaut
-    Image.fromarray(astronaut()).save(tmp_path / "astronaut.png")
     (tmp_path / "sparse.txt").write_text("100 50\n" + "-1 -1\n" * 17)
-    with pytest.raises(ValueError, match="sparse.txt: only 1 of 18 joints"):
-        run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"), "--target-pose",
-            str(tmp_path / "sparse.txt"))
+    (tmp_path / "bad.json").write_text("{not json")
+    pose = str(next((setup[0] / "data" / "pose").rglob("*.txt")))
+    source = str(photos / "astronaut.png")
+    cases = [(["--source", str(tmp_path / "nothing.jpg"), "--target-pose", pose], "photo not found: .*nothing.jpg"),
+             (["--source", str(tmp_path / "broken.jpg"), "--target-pose", pose], "cannot read photo .*broken.jpg"),
+             (["--source", source, "--target-pose", str(tmp_path / "sparse.txt")],
+              r"sparse.txt: only 1 of 18 joints found in the file; a pose needs at least 4"),
+             (["--source", source, "--target-pose", str(tmp_path / "bad.json")], "bad.json: not valid JSON"),
+             (["--source", source, "--target-pose", str(tmp_path / "none.txt")], "keypoint file not found")]
+    for argv, message in cases:
+        assert re.search(message, fails(setup, capsys, tmp_path / "out", *argv)), message
 
 
-def test_pose_from_another_photo(setup, tmp_path):
-    optional("MediaPipe Pose", _pose_solution)
-    from skimage.data import astronaut
-    Image.fromarray(astronaut()).save(tmp_path / "astronaut.png")
-    Image.fromarray(astronaut()[:, ::-1].copy()).save(tmp_path / "mirrored.png")
-    run(setup, tmp_path / "out", "--source", str(tmp_path / "astronaut.png"),
-        "--target-pose-from", str(tmp_path / "mirrored.png"))
-    assert (tmp_path / "out" / "generated" / "astronaut_2_mirrored.png").is_file()
+def test_console_stays_quiet(setup, photos, mediapipe, tmp_path):
+    """A whole run on photos, as a user starts it: nothing from TensorFlow Lite, absl, protobuf or MediaPipe
+    on the console, only what the run wrote."""
+    tmp, _ = setup
+    result = subprocess.run([sys.executable, str(ROOT / "infer_xmdpt.py"), "--config", str(tmp / "cfg.yaml"),
+                             "--ckpt", str(tmp / "tiny"), "--steps", "2", "--out", str(tmp_path),
+                             "--source", str(photos / "astronaut.png"), "--target-pose-from",
+                             str(photos / "astronaut.png")], capture_output=True, text=True, cwd=tmp_path,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.startswith("wrote ") and result.stdout.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_pairs_and_match_one(setup, tmp_path):
+    """torchrun with 2 gloo processes on the CPU: every pair's image is the one a single process writes, byte for
+    byte; an interrupted run regenerates only what is missing; the scores are printed once."""
+    tmp, _ = setup
+    make_synthetic(tmp_path / "data", num_identities=6, poses_per_identity=3, size=SIZE, seed=2, test_fraction=0.5)
+    common = ["--config", str(tmp / "cfg.yaml"), "--ckpt", str(tmp / "tiny"), "--data", str(tmp_path / "data"),
+              "--steps", "3", "--limit", "7", "--batch-size", "2", "--no-grids"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = lambda *argv: subprocess.run([sys.executable, *argv], env=env, cwd=ROOT, capture_output=True,
+                                          text=True, timeout=300)
+    two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "infer_xmdpt.py"]
+    single = launch("infer_xmdpt.py", *common, "--out", str(tmp_path / "one"))
+    split = launch(*two, *common, "--out", str(tmp_path / "two"))
+    assert single.returncode == 0 and split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout.count("mean SSIM / PSNR") == 1
+    shares = sorted(map(int, re.findall(r"process \d of 2: generated (\d+) pairs", split.stdout)))
+    assert shares == [3, 4]  # batches of 2: {0, 1}, {4, 5} for one process, {2, 3}, {6} for the other
+    one, both = (tmp_path / "one" / "generated"), (tmp_path / "two" / "generated")
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 7 and sorted(p.name for p in both.iterdir()) == names
+    assert all((one / n).read_bytes() == (both / n).read_bytes() for n in names)
+
+    kept = {n: (both / n).stat().st_mtime_ns for n in names[3:]}
+    for name in names[:3]:
+        (both / name).unlink()
+    resumed = launch(*two, *common, "--out", str(tmp_path / "two"))
+    assert resumed.returncode == 0 and "4 of 7 pairs already generated" in resumed.stdout
+    assert {n: (both / n).stat().st_mtime_ns for n in names[3:]} == kept
+    assert all((one / n).read_bytes() == (both / n).read_bytes() for n in names)
 
 
 def figure_colour(rgb):

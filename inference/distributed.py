@@ -1,0 +1,31 @@
+"""torchrun: this process's place in a run across processes (GPUs, or machines), shared by training and
+inference. One process needs no process group."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed():
+    """(rank, world size, device): under torchrun (WORLD_SIZE > 1) the process group is made, NCCL with one GPU
+    per process when there are GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def barrier():
+    """Wait for every process (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
