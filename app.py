@@ -1,0 +1,146 @@
+"""A web app: your photo in, the person in a new pose out (Gradio; pip install -r requirements-app.txt).
+
+  python app.py                          # the bundled demo model, at http://127.0.0.1:7860
+  python app.py --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s_ema_0.9999_300000.pt --device cuda
+
+The page takes a photo of a person and a target pose from another photo, from a keypoint file (DeepFashion
+.txt or OpenPose .json) or from the gallery (assets/poses). It shows the photo framed as the model sees it,
+the skeletons found on the photos, the target skeleton and the generated image. It runs the same Pipeline and
+the same handling of photos as infer_xmdpt.py (inference/photos.py), so the same inputs and seed give the same
+image. Errors (no person, too few joints, an unreadable file) appear on the page.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from data.pose import draw_skeleton, to_image_coords
+from inference import Pipeline
+from inference.pairs import to_uint8
+from inference.photos import VIEW_SIZE, generate, pose_file, pose_overlay, pose_photo, source_photo
+
+ROOT = Path(__file__).resolve().parent
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_CKPT = ROOT / "assets" / "xmdpt_demo"
+GALLERY = sorted((ROOT / "assets" / "poses").glob("*.json"))
+MODES = ("gallery", "photo", "keypoint file")
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError, ImportError)
+# Images at the model's size (32x32 for the demo) are shown as large as the others, pixel for pixel.
+CSS = "#framed img, #generated img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+DEMO_NOTE = ("This is the bundled demo model. It has only ever seen the small synthetic figures of the demo "
+             "set, at 32x32 pixels, so real photos give rough results. Start the app with `--config` and "
+             "`--ckpt` to use a released X-MDPT model.")
+
+
+def skeleton_view(keypoints):
+    """The skeleton of keypoints (DeepFashion convention) drawn at VIEW_SIZE, as uint8 (V, V, 3)."""
+    size = (VIEW_SIZE, VIEW_SIZE)
+    return to_uint8(draw_skeleton(to_image_coords(keypoints, size), size) * 2 - 1)
+
+
+def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler="ddim", steps=None,
+             cfg_scale=None, scale_pow=None, seed=0, progress=False):
+    """The page's one action. -> uint8 images: the source framed as the model sees it, the source photo with
+    its skeleton, the pose photo with its skeleton (None unless the pose came from a photo), the target
+    skeleton, and the generated image (at the model's size)."""
+    if source_rgb is None:
+        raise ValueError("upload a photo of a person as the source")
+    source = source_photo(source_rgb, pipe.size, "your photo")
+    pose_view = None
+    if mode == "photo":
+        if pose_rgb is None:
+            raise ValueError("upload the photo whose pose is the target, or pick another source of poses")
+        target = pose_photo(pose_rgb, pipe.size, "the pose photo")
+        keypoints, pose_view = target.keypoints, to_uint8(pose_overlay(pose_rgb, target))
+    elif mode == "keypoint file":
+        if pose_path is None:
+            raise ValueError("upload a keypoint file (.txt or .json), or pick another source of poses")
+        keypoints = pose_file(pose_path)
+    else:
+        keypoints = pose_file(GALLERY[gallery_index])
+    image = generate(pipe, source, keypoints, int(seed), steps=int(steps) if steps else None, cfg_scale=cfg_scale,
+                     scale_pow=scale_pow, sampler=sampler, progress=progress)
+    return (to_uint8(source.image), to_uint8(pose_overlay(source_rgb, source)), pose_view,
+            skeleton_view(keypoints), to_uint8(image))
+
+
+def build(pipe, demo=False):
+    """The page (a gr.Blocks) around a loaded pipeline."""
+    defaults = pipe.sample_defaults
+
+    def run(source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed,
+            progress=gr.Progress(track_tqdm=True)):
+        try:
+            return transfer(pipe, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow,
+                            seed, progress=True)
+        except USER_ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise gr.Error("; ".join(line.strip() for line in str(message).splitlines() if line.strip())) from None
+
+    def show(mode):
+        return [gr.update(visible=mode == m) for m in MODES]
+
+    def selected(event: gr.SelectData):
+        return event.index
+
+    with gr.Blocks(title="X-MDPT", analytics_enabled=False) as page:
+        gr.Markdown(f"# X-MDPT: your photo, in a new pose\nModel: **{pipe.description}**." +
+                    (f"\n\n{DEMO_NOTE}" if demo else ""), elem_id="model")
+        with gr.Row():
+            source = gr.Image(type="numpy", sources=["upload"], format="png", label="Your photo (one person)",
+                              elem_id="source")
+            with gr.Column():
+                mode = gr.Radio(MODES, value="gallery", label="Target pose from", elem_id="mode")
+                gallery = gr.Gallery([(skeleton_view(pose_file(p)), p.stem) for p in GALLERY], label="Poses",
+                                     columns=6, allow_preview=False, selected_index=0, format="png",
+                                     elem_id="gallery")
+                pose_rgb = gr.Image(type="numpy", sources=["upload"], format="png", visible=False,
+                                    label="A photo in the target pose", elem_id="pose-photo")
+                pose_path = gr.File(file_types=[".txt", ".json"], type="filepath", visible=False,
+                                    label="Keypoint file (DeepFashion .txt or OpenPose .json)", elem_id="pose-file")
+        with gr.Accordion("Advanced", open=False):
+            sampler = gr.Radio(["ddim", "dpm++"], value="ddim", label="Sampler (ddim: the released one)")
+            steps = gr.Slider(1, 200, value=defaults["steps"], step=1, label="Sampling steps")
+            cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1, label="Guidance scale")
+            scale_pow = gr.Number(value=defaults["scale_pow"], label="Guidance power (power-cosine schedule)")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            outputs = [gr.Image(label=label, elem_id=name, height=VIEW_SIZE, format="png", interactive=False)
+                       for name, label in (("framed", "Your photo, framed"), ("source-skeleton", "Its skeleton"),
+                                           ("pose-skeleton", "The pose photo's skeleton"), ("target", "Target pose"),
+                                           ("generated", "Generated"))]
+        chosen = gr.State(0)
+        gallery.select(selected, None, chosen)
+        mode.change(show, mode, [gallery, pose_rgb, pose_path])
+        button.click(run, [source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow, seed],
+                     outputs)
+    return page
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config of the model and encoders (default: the demo's)")
+    p.add_argument("--ckpt", help="a released state dict (.pt), our training checkpoint or an export folder "
+                                  "(default: the bundled demo model, assets/xmdpt_demo)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    args = p.parse_args(argv)
+    if bool(args.config) != bool(args.ckpt):
+        p.error("give --config and --ckpt together (or neither, for the demo)")
+    try:
+        pipe = Pipeline.from_config(args.config or DEMO_CONFIG, args.ckpt or DEMO_CKPT,
+                                    args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except USER_ERRORS as e:
+        sys.exit(f"app.py: error: {' '.join(str(e).split())}")
+    fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's: no font is fetched from the web
+    build(pipe, demo=args.config is None).launch(
+        server_name=args.host, server_port=args.port, ssr_mode=False, css=CSS,
+        theme=gr.themes.Default(font=fonts, font_mono=["ui-monospace", "monospace"]))
+
+
+if __name__ == "__main__":
+    main()

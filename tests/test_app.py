@@ -1,0 +1,180 @@
+"""The web app (app.py): the same images as infer_xmdpt.py, and the page itself in a real browser (Debian's
+Chromium driven by Playwright), with the bundled demo model."""
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer_xmdpt
+from conftest import optional
+from data.photo import _pose_solution, read_photo
+from inference import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ROOT / "outputs"
+
+
+@pytest.fixture(scope="module")
+def app():
+    optional("gradio")
+    optional("MediaPipe Pose", _pose_solution)
+    import app
+    return app
+
+
+@pytest.fixture(scope="module")
+def demo_pipe(app):
+    return Pipeline.from_config(app.DEMO_CONFIG, app.DEMO_CKPT)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    data = optional("skimage.data")
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+def cli_image(tmp_path, *argv):
+    """The image infer_xmdpt.py writes for own photos with the demo model."""
+    infer_xmdpt.main(["--out", str(tmp_path), *argv])
+    return np.asarray(Image.open(next((tmp_path / "generated").iterdir())))
+
+
+def test_gallery_holds_a_dozen_of_our_poses(app):
+    assert len(app.GALLERY) == 12 and all(p.suffix == ".json" for p in app.GALLERY)
+
+
+@pytest.mark.parametrize("mode", ["gallery", "keypoint file", "photo"])
+def test_app_gives_the_image_infer_gives(app, demo_pipe, photos, tmp_path, mode):
+    """The page's action and infer_xmdpt.py, on the same photo, pose and seed: the same image."""
+    astronaut = read_photo(photos / "astronaut.png")
+    mirrored = astronaut[:, ::-1].copy()
+    Image.fromarray(mirrored).save(tmp_path / "mirrored.png")
+    pose = app.GALLERY[4]
+    framed, source_view, pose_view, target, image = app.transfer(
+        demo_pipe, astronaut, mode, mirrored, str(pose), 4, steps=20, seed=3)
+    target_argv = ["--target-pose-from", str(tmp_path / "mirrored.png")] if mode == "photo" else \
+        ["--target-pose", str(pose)]
+    expected = cli_image(tmp_path / "cli", "--source", str(photos / "astronaut.png"), *target_argv, "--seed", "3",
+                         "--steps", "20")
+    assert image.shape == (32, 32, 3) and np.array_equal(image, expected)
+    assert (pose_view is not None) == (mode == "photo")
+    assert framed.shape == (32, 32, 3) and source_view.shape == target.shape == (256, 256, 3)
+
+
+def test_app_names_what_is_wrong(app, demo_pipe, photos):
+    coffee = read_photo(photos / "coffee.png")
+    with pytest.raises(ValueError, match="your photo: no person found"):
+        app.transfer(demo_pipe, coffee, "gallery", None, None, 0)
+    with pytest.raises(ValueError, match="upload the photo whose pose"):
+        app.transfer(demo_pipe, read_photo(photos / "astronaut.png"), "photo", None, None, 0)
+    with pytest.raises(ValueError, match="upload a photo of a person"):
+        app.transfer(demo_pipe, None, "gallery", None, None, 0)
+
+
+# ---- in a real browser ------------------------------------------------------------------------------------
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = optional("playwright.sync_api").sync_playwright().start()
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        message = "Debian's chromium is not installed (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI installs it (.ci/run)", pytrace=False)
+        pytest.skip(message)
+    browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+@pytest.fixture(scope="module")
+def served(app):
+    """python app.py on a free localhost port, as a user starts it; its URL once it answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            if server.poll() is not None:
+                pytest.fail(f"app.py exited: {server.stdout.read()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def open_page(browser, url):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url, wait_until="load", timeout=60000)
+    page.locator("#generate").wait_for(timeout=60000)
+    return page
+
+
+def shown_image(page, element):
+    """The image an output element shows, as the browser received it: a uint8 array."""
+    image = page.locator(f"#{element} img")
+    image.wait_for(timeout=180000)
+    return np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body())).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_the_page_turns_a_photo_into_a_person_in_a_pose(browser, served, photos, tmp_path):
+    """Upload scikit-image's astronaut, pick a gallery pose, generate: an image of the model's size that is not
+    blank, the one infer_xmdpt.py makes of the same photo and pose, appears; a screenshot is kept in outputs/."""
+    page = open_page(browser, served)
+    assert "bundled demo model" in page.locator("#model").inner_text()
+    page.locator("#source input[type=file]").set_input_files(str(photos / "astronaut.png"))
+    page.locator("#gallery button:has-text('05_full')").click()
+    page.click("#generate")
+    generated = shown_image(page, "generated")
+    assert generated.shape == (32, 32, 3) and generated.std() > 10
+    expected = cli_image(tmp_path, "--source", str(photos / "astronaut.png"), "--target-pose",
+                         str(ROOT / "assets" / "poses" / "05_full.json"))
+    assert np.array_equal(generated, expected)
+    OUTPUTS.mkdir(exist_ok=True)
+    page.wait_for_timeout(500)
+    page.screenshot(path=OUTPUTS / "app_screenshot.png", full_page=True)
+    page.close()
+
+
+@pytest.mark.slow
+def test_the_page_says_a_photo_shows_no_person(browser, served, photos):
+    """A photo of a cup of coffee: the error appears on the page; the server keeps serving."""
+    page = open_page(browser, served)
+    page.locator("#source input[type=file]").set_input_files(str(photos / "coffee.png"))
+    page.click("#generate")
+    page.get_by_text("your photo: no person found").first.wait_for(timeout=60000)
+    page.locator("#source button[aria-label='Remove Image']").click()
+    page.locator("#source input[type=file]").set_input_files(str(photos / "astronaut.png"))
+    page.click("#generate")
+    assert shown_image(page, "generated").shape == (32, 32, 3)
+    page.close()
