@@ -18,6 +18,7 @@ import torch
 
 from data.pose import draw_skeleton, to_image_coords
 from inference import Pipeline
+from inference.errors import USER_ERRORS, one_line
 from inference.pairs import to_uint8
 from inference.photos import VIEW_SIZE, generate, pose_file, pose_overlay, pose_photo, source_photo
 
@@ -26,7 +27,6 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_CKPT = ROOT / "assets" / "xmdpt_demo"
 GALLERY = sorted((ROOT / "assets" / "poses").glob("*.json"))
 MODES = ("gallery", "photo", "keypoint file")
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, ImportError)
 # Images at the model's size (32x32 for the demo) are shown as large as the others, pixel for pixel.
 CSS = "#framed img, #generated img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 DEMO_NOTE = ("This is the bundled demo model. It has only ever seen the small synthetic figures of the demo "
@@ -76,8 +76,7 @@ def build(pipe, demo=False):
             return transfer(pipe, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow,
                             seed, progress=True)
         except USER_ERRORS as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            raise gr.Error("; ".join(line.strip() for line in str(message).splitlines() if line.strip())) from None
+            raise gr.Error(one_line(e)) from None
 
     def show(mode):
         return [gr.update(visible=mode == m) for m in MODES]
@@ -135,7 +134,8 @@ def main(argv=None):
         pipe = Pipeline.from_config(args.config or DEMO_CONFIG, args.ckpt or DEMO_CKPT,
                                     args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except USER_ERRORS as e:
-        sys.exit(f"app.py: error: {' '.join(str(e).split())}")
+        print(f"app.py: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's: no font is fetched from the web
     build(pipe, demo=args.config is None).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, css=CSS,

@@ -28,6 +28,7 @@ from configs import load_config
 from data.photo import FRAMINGS, read_photo
 from inference import Pipeline
 from inference.distributed import barrier, setup_distributed, teardown
+from inference.errors import USER_ERRORS, one_line
 from inference.pairs import generate_pairs, grid_row, mean_scores, save_png
 from inference.photos import generate, pose_file, pose_photo, save_pose, source_photo
 
@@ -145,12 +146,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, ImportError) as e:
+    except USER_ERRORS as e:
         if args.debug:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print("infer_xmdpt.py: error: " + "; ".join(line.strip() for line in str(message).splitlines() if line.strip()),
-              file=sys.stderr)
+        print(f"infer_xmdpt.py: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
