@@ -63,3 +63,14 @@ def released_init():
 def parity():
     """The released X-MDPT code's reference outputs (tests/fixtures/README.md)."""
     return torch.load(FIXTURES / "official_parity_small.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """Real photographs (scikit-image's) as PNG files: a person (astronaut.png) and a thing (coffee.png)."""
+    from PIL import Image
+    data = optional("skimage.data")
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    return folder

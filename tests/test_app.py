@@ -36,15 +36,6 @@ def demo_pipe(app):
     return Pipeline.from_config(app.DEMO_CONFIG, app.DEMO_CKPT)
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    data = optional("skimage.data")
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
-    return folder
-
-
 def cli_image(tmp_path, *argv):
     """The image infer_xmdpt.py writes for own photos with the demo model."""
     infer_xmdpt.main(["--out", str(tmp_path), *argv])

@@ -219,16 +219,6 @@ def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup,
                           "--out", str(tmp_path / "out"), "--debug"])
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Real photographs (scikit-image's): a person, and things with no person in them."""
-    data = optional("skimage.data")
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee"):
-        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
-    return folder
-
-
 @pytest.fixture
 def mediapipe():
     optional("MediaPipe Pose", _pose_solution)
