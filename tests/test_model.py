@@ -1,4 +1,6 @@
 """Parity with the released X-MDPT code (fixture official_parity_small.pt), sizes, switches and errors."""
+import json
+
 import pytest
 import torch
 
@@ -350,6 +352,10 @@ def test_training_checkpoint_and_exports_roundtrip(tmp_path):
     assert same(XMDPT.from_pretrained(tmp_path / "full"), model)
     model.save_pretrained(tmp_path / "hub")
     assert same(load_checkpoint(tmp_path / "hub"), model)
+    deeper = XMDPT(model.config, depth=4)  # a config with a field replaced: config.json holds the result
+    deeper.save_pretrained(tmp_path / "deeper")
+    assert json.loads((tmp_path / "deeper" / "config.json").read_text()) == dict(deeper.config)
+    assert same(XMDPT.from_pretrained(tmp_path / "deeper"), deeper)
     lean = load_checkpoint(export(model, tmp_path / "lean"))
     assert lean.config == XMDPTConfig(**dict(model.config, mipnet="none")) and lean.mipnet is None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in lean.state_dict().items())
