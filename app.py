@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from data.photo import FRAMINGS
 from data.pose import draw_skeleton, to_image_coords
 from inference import Pipeline
 from inference.errors import USER_ERRORS, one_line
@@ -41,18 +42,18 @@ def skeleton_view(keypoints):
 
 
 def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler="ddim", steps=None,
-             cfg_scale=None, scale_pow=None, seed=0, progress=False):
+             cfg_scale=None, scale_pow=None, seed=0, framing="person", progress=False):
     """The page's one action. -> uint8 images: the source framed as the model sees it, the source photo with
     its skeleton, the pose photo with its skeleton (None unless the pose came from a photo), the target
     skeleton, and the generated image (at the model's size)."""
     if source_rgb is None:
         raise ValueError("upload a photo of a person as the source")
-    source = source_photo(source_rgb, pipe.size, "your photo")
+    source = source_photo(source_rgb, pipe.size, "your photo", framing)
     pose_view = None
     if mode == "photo":
         if pose_rgb is None:
             raise ValueError("upload the photo whose pose is the target, or pick another source of poses")
-        target = pose_photo(pose_rgb, pipe.size, "the pose photo")
+        target = pose_photo(pose_rgb, pipe.size, "the pose photo", framing)
         keypoints, pose_view = target.keypoints, to_uint8(pose_overlay(pose_rgb, target))
     elif mode == "keypoint file":
         if pose_path is None:
@@ -70,11 +71,11 @@ def build(pipe, demo=False):
     """The page (a gr.Blocks) around a loaded pipeline."""
     defaults = pipe.sample_defaults
 
-    def run(source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed,
+    def run(source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed, framing,
             progress=gr.Progress(track_tqdm=True)):
         try:
             return transfer(pipe, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow,
-                            seed, progress=True)
+                            seed, framing, progress=True)
         except USER_ERRORS as e:
             raise gr.Error(one_line(e)) from None
 
@@ -105,6 +106,8 @@ def build(pipe, demo=False):
             cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1, label="Guidance scale")
             scale_pow = gr.Number(value=defaults["scale_pow"], label="Guidance power (power-cosine schedule)")
             seed = gr.Number(value=0, precision=0, label="Seed")
+            framing = gr.Radio(list(FRAMINGS), value="person", label="Framing of the photos (person: cropped around "
+                               "the person, then padded to DeepFashion's 176:256; whole: the whole photo padded)")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
             outputs = [gr.Image(label=label, elem_id=name, height=VIEW_SIZE, format="png", interactive=False)
@@ -114,8 +117,8 @@ def build(pipe, demo=False):
         chosen = gr.State(0)
         gallery.select(selected, None, chosen)
         mode.change(show, mode, [gallery, pose_rgb, pose_path])
-        button.click(run, [source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow, seed],
-                     outputs)
+        button.click(run, [source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow, seed,
+                           framing], outputs)
     return page
 
 

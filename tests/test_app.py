@@ -46,19 +46,20 @@ def test_gallery_holds_a_dozen_of_our_poses(app):
     assert len(app.GALLERY) == 12 and all(p.suffix == ".json" for p in app.GALLERY)
 
 
-@pytest.mark.parametrize("mode", ["gallery", "keypoint file", "photo"])
-def test_app_gives_the_image_infer_gives(app, demo_pipe, photos, tmp_path, mode):
-    """The page's action and infer_xmdpt.py, on the same photo, pose and seed: the same image."""
+@pytest.mark.parametrize("mode, framing", [("gallery", "person"), ("keypoint file", "person"), ("photo", "person"),
+                                           ("photo", "whole")])
+def test_app_gives_the_image_infer_gives(app, demo_pipe, photos, tmp_path, mode, framing):
+    """The page's action and infer_xmdpt.py, on the same photo, pose, framing and seed: the same image."""
     astronaut = read_photo(photos / "astronaut.png")
     mirrored = astronaut[:, ::-1].copy()
     Image.fromarray(mirrored).save(tmp_path / "mirrored.png")
     pose = app.GALLERY[4]
     framed, source_view, pose_view, target, image = app.transfer(
-        demo_pipe, astronaut, mode, mirrored, str(pose), 4, steps=20, seed=3)
+        demo_pipe, astronaut, mode, mirrored, str(pose), 4, steps=20, seed=3, framing=framing)
     target_argv = ["--target-pose-from", str(tmp_path / "mirrored.png")] if mode == "photo" else \
         ["--target-pose", str(pose)]
     expected = cli_image(tmp_path / "cli", "--source", str(photos / "astronaut.png"), *target_argv, "--seed", "3",
-                         "--steps", "20")
+                         "--steps", "20", "--framing", framing)
     assert image.shape == (32, 32, 3) and np.array_equal(image, expected)
     assert (pose_view is not None) == (mode == "photo")
     assert framed.shape == (32, 32, 3) and source_view.shape == target.shape == (256, 256, 3)
