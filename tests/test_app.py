@@ -66,11 +66,13 @@ def test_app_gives_the_image_infer_gives(app, demo_pipe, photos, tmp_path, mode,
 
 
 def test_app_names_what_is_wrong(app, demo_pipe, photos):
-    coffee = read_photo(photos / "coffee.png")
+    coffee, astronaut = read_photo(photos / "coffee.png"), read_photo(photos / "astronaut.png")
     with pytest.raises(ValueError, match="your photo: no person found"):
         app.transfer(demo_pipe, coffee, "gallery", None, None, 0)
+    with pytest.raises(ValueError, match="the pose photo: no person found"):
+        app.transfer(demo_pipe, astronaut, "photo", coffee, None, 0)
     with pytest.raises(ValueError, match="upload the photo whose pose"):
-        app.transfer(demo_pipe, read_photo(photos / "astronaut.png"), "photo", None, None, 0)
+        app.transfer(demo_pipe, astronaut, "photo", None, None, 0)
     with pytest.raises(ValueError, match="upload a photo of a person"):
         app.transfer(demo_pipe, None, "gallery", None, None, 0)
 
