@@ -18,14 +18,12 @@ import torch
 
 from data.photo import FRAMINGS
 from data.pose import draw_skeleton, to_image_coords
-from inference import Pipeline
+from inference.pipeline import DEMO_CONFIG, Pipeline, add_model_arguments, model_files
 from inference.errors import USER_ERRORS, one_line
 from inference.pairs import to_uint8
 from inference.photos import VIEW_SIZE, generate, pose_file, pose_overlay, pose_photo, source_photo
 
 ROOT = Path(__file__).resolve().parent
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
-DEMO_CKPT = ROOT / "assets" / "xmdpt_demo"
 GALLERY = sorted((ROOT / "assets" / "poses").glob("*.json"))
 MODES = ("gallery", "photo", "keypoint file")
 # Images at the model's size (32x32 for the demo) are shown as large as the others, pixel for pixel.
@@ -124,23 +122,18 @@ def build(pipe, demo=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config of the model and encoders (default: the demo's)")
-    p.add_argument("--ckpt", help="a released state dict (.pt), our training checkpoint or an export folder "
-                                  "(default: the bundled demo model, assets/xmdpt_demo)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     args = p.parse_args(argv)
-    if bool(args.config) != bool(args.ckpt):
-        p.error("give --config and --ckpt together (or neither, for the demo)")
+    config, checkpoint = model_files(p, args)
     try:
-        pipe = Pipeline.from_config(args.config or DEMO_CONFIG, args.ckpt or DEMO_CKPT,
-                                    args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe = Pipeline.from_config(config, checkpoint, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except USER_ERRORS as e:
         print(f"app.py: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's: no font is fetched from the web
-    build(pipe, demo=args.config is None).launch(
+    build(pipe, demo=config == DEMO_CONFIG).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, css=CSS,
         theme=gr.themes.Default(font=fonts, font_mono=["ui-monospace", "monospace"]))
 

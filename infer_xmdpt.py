@@ -26,15 +26,11 @@ from pathlib import Path
 
 from configs import load_config
 from data.photo import FRAMINGS, read_photo
-from inference import Pipeline
+from inference.pipeline import Pipeline, add_model_arguments, model_files
 from inference.distributed import barrier, setup_distributed, teardown
 from inference.errors import USER_ERRORS, one_line
 from inference.pairs import generate_pairs, grid_row, mean_scores, save_png
 from inference.photos import generate, pose_file, pose_photo, save_pose, source_photo
-
-ROOT = Path(__file__).resolve().parent
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
-DEMO_CKPT = ROOT / "assets" / "xmdpt_demo"
 
 
 def own_photo(args, pipe, out, settings):
@@ -84,9 +80,7 @@ def ensure_demo_data(cfg):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config of the model and encoders (default: the demo's)")
-    p.add_argument("--ckpt", help="a released state dict (.pt), our training checkpoint (EMA weights are used) or "
-                                  "an export folder (default: the bundled demo model, assets/xmdpt_demo)")
+    add_model_arguments(p)
     p.add_argument("--data", help="dataset root in the DeepFashion layout (default: the config's data.root)")
     p.add_argument("--out", default="outputs/demo", help="output directory")
     p.add_argument("--batch-size", type=int, default=16, help="pairs generated together")
@@ -101,8 +95,6 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="generate only the first N test pairs")
     p.add_argument("--no-grids", action="store_true", help="do not write <out>/grids")
     p.add_argument("--overwrite", action="store_true", help="regenerate outputs that already exist")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun each "
-                                    "process takes the GPU of its local rank)")
     p.add_argument("--source", help="your own photo of a person (instead of the dataset's test pairs); it must show "
                                     "a person (MediaPipe Pose, requirements-photo.txt)")
     p.add_argument("--framing", choices=FRAMINGS, default="person",
@@ -119,20 +111,18 @@ def parse_args(argv=None):
         p.error("--source needs --target-pose or --target-pose-from")
     if (args.target_pose or args.target_pose_from) and not args.source:
         p.error("--target-pose/--target-pose-from need --source")
-    if bool(args.config) != bool(args.ckpt):
-        p.error("give --config and --ckpt together (or neither, for the demo)")
+    args.config, args.ckpt = model_files(p, args)
     return args
 
 
 def run(args):
-    demo = args.config is None
-    cfg = load_config(args.config or DEMO_CONFIG)
+    cfg = load_config(args.config)
     rank, world, device = setup_distributed()
     try:
-        if demo and args.data is None and rank == 0:
+        if "synthetic" in cfg and args.data is None and rank == 0:
             ensure_demo_data(cfg)
         barrier()
-        pipe = Pipeline.from_config(cfg, args.ckpt or DEMO_CKPT, args.device or device)
+        pipe = Pipeline.from_config(cfg, args.ckpt, args.device or device)
         settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, sampler=args.sampler)
         if args.source:
             own_photo(args, pipe, Path(args.out), settings)

@@ -13,6 +13,24 @@ from models.checkpoint import check_fits, read_checkpoint, strict_load
 from models.encoders import build_encoders
 
 SAMPLERS = ("ddim", "dpm++")
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG, DEMO_CHECKPOINT = ROOT / "configs" / "demo.yaml", ROOT / "assets" / "xmdpt_demo"
+
+
+def add_model_arguments(parser):
+    """--config, --ckpt (both, or neither for the bundled demo model; see `model_files`) and --device."""
+    parser.add_argument("--config", help="YAML config of the model and encoders (default: the demo's)")
+    parser.add_argument("--ckpt", help="a released state dict (.pt), our training checkpoint (EMA weights are used) "
+                                       "or an export folder (default: the bundled demo model, assets/xmdpt_demo)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun each "
+                                         "process takes the GPU of its local rank)")
+
+
+def model_files(parser, args):
+    """(config, checkpoint) of the parsed `add_model_arguments`: the demo model's when both are left out."""
+    if bool(args.config) != bool(args.ckpt):
+        parser.error("give --config and --ckpt together (or neither, for the demo)")
+    return (args.config, args.ckpt) if args.config else (DEMO_CONFIG, DEMO_CHECKPOINT)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from PIL import Image
 import infer_xmdpt
 from conftest import optional
 from data.photo import _pose_solution, read_photo
-from inference import Pipeline
+from inference.pipeline import DEMO_CHECKPOINT, DEMO_CONFIG, Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ROOT / "outputs"
@@ -33,7 +33,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def demo_pipe(app):
-    return Pipeline.from_config(app.DEMO_CONFIG, app.DEMO_CKPT)
+    return Pipeline.from_config(DEMO_CONFIG, DEMO_CHECKPOINT)
 
 
 def cli_image(tmp_path, *argv):
