@@ -116,7 +116,7 @@ class Pipeline:
         [0, 1] or as keypoints (N, 18, 2) in the DeepFashion convention; one seed per pair; `sample`'s
         settings. -> images (N, 3, S, S) in [-1, 1], on the CPU."""
         if (skeletons is None) == (keypoints is None):
-            raise ValueError("give the target poses as skeletons or as keypoints, not both")
+            raise ValueError("give the target poses either as skeletons or as keypoints (one of the two)")
         if skeletons is None:
             skeletons = self.skeletons(keypoints)
         expected = (len(sources), 3, self.size, self.size)
