@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures"
+# The reference outputs of the released X-MDPT code and of DINOv2 live beside the repository, in
+# ../shared/fixtures (its README says how they were made); they are not copied in here.
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 # OpenPose's COCO-18 joints in order, by name: the tests check the index tables of data/ against these.
 COCO18_NAMES = ["nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
@@ -37,6 +39,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def load_fixture(name):
+    """A file of ../shared/fixtures, loaded with torch.load; a test that needs it fails, naming it, when it is
+    missing."""
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.fail(f"{path} not found: the tests read the reference fixtures from ../shared/fixtures, "
+                    "beside this repository", pytrace=False)
+    return torch.load(path, weights_only=True)
+
+
 def as_float(tensors):
     """Half-precision fixture tensors upcast to float32 (the references were computed on the rounded values)."""
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
@@ -45,9 +57,9 @@ def as_float(tensors):
 @pytest.fixture(scope="session")
 def lowt():
     """(model, inputs, condition, outputs) of official_lowt_init.pt: the released code's losses at
-    t = 0, 0, 1, 3, 20, 150, 600, 999 (tests/fixtures/README.md)."""
+    t = 0, 0, 1, 3, 20, 150, 600, 999 (../shared/fixtures/README.md)."""
     from models import load_checkpoint
-    data = torch.load(FIXTURES / "official_lowt_init.pt", weights_only=True)
+    data = load_fixture("official_lowt_init.pt")
     inputs = as_float(data["inputs"])
     cond = dict(pose=inputs["dino_tgt_pose"], image=inputs["dino_src_img"], source=inputs["src_img"])
     return load_checkpoint(as_float(data["state_dict"])), inputs, cond, data["outputs"]
@@ -56,13 +68,13 @@ def lowt():
 @pytest.fixture(scope="session")
 def released_init():
     """The released initialisation's deterministic entries (official_lowt_init.pt["init"])."""
-    return torch.load(FIXTURES / "official_lowt_init.pt", weights_only=True)["init"]
+    return load_fixture("official_lowt_init.pt")["init"]
 
 
 @pytest.fixture(scope="session")
 def parity():
-    """The released X-MDPT code's reference outputs (tests/fixtures/README.md)."""
-    return torch.load(FIXTURES / "official_parity_small.pt", weights_only=True)
+    """The released X-MDPT code's reference outputs (../shared/fixtures/README.md)."""
+    return load_fixture("official_parity_small.pt")
 
 
 @pytest.fixture(scope="session")

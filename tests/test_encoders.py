@@ -1,5 +1,4 @@
 import io
-from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -10,14 +9,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from conftest import load_fixture
 from data.deepfashion import flat_name
 from models.encoders import (DINOv2, IdentityFirstStage, LATENT_SCALE, VAEFirstStage, build_encoders,
                              dino_input, dinov2_width, resample_pos_embed)
 from scripts.finetune_vae_decoder import build_parser, finetune_decoder
 
 WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024, "vitg14": 1536}  # DINOv2 (Oquab et al., 2023), table 1
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 SMALL_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1)
@@ -38,7 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def dino_fixture():
-    return torch.load(FIXTURES / "dinov2_vits14_depth1.pt", weights_only=True)
+    return load_fixture("dinov2_vits14_depth1.pt")
 
 
 @pytest.fixture(scope="module")
