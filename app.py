@@ -18,7 +18,7 @@ import torch
 
 from data.photo import FRAMINGS
 from data.pose import draw_skeleton, to_image_coords
-from inference.pipeline import DEMO_CONFIG, Pipeline, add_model_arguments, model_files
+from inference.pipeline import DEMO_CONFIG, SAMPLERS, Pipeline, add_model_arguments, model_files
 from inference.errors import USER_ERRORS, one_line
 from inference.pairs import to_uint8
 from inference.photos import VIEW_SIZE, generate, pose_file, pose_overlay, pose_photo, source_photo
@@ -99,7 +99,7 @@ def build(pipe, demo=False):
                 pose_path = gr.File(file_types=[".txt", ".json"], type="filepath", visible=False,
                                     label="Keypoint file (DeepFashion .txt or OpenPose .json)", elem_id="pose-file")
         with gr.Accordion("Advanced", open=False):
-            sampler = gr.Radio(["ddim", "dpm++"], value="ddim", label="Sampler (ddim: the released one)")
+            sampler = gr.Radio(list(SAMPLERS), value="ddim", label="Sampler (ddim: the released one)")
             steps = gr.Slider(1, 200, value=defaults["steps"], step=1, label="Sampling steps")
             cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1, label="Guidance scale")
             scale_pow = gr.Number(value=defaults["scale_pow"], label="Guidance power (power-cosine schedule)")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from configs import load_config
 from data.photo import FRAMINGS, read_photo
-from inference.pipeline import Pipeline, add_model_arguments, model_files
+from inference.pipeline import SAMPLERS, Pipeline, add_model_arguments, model_files
 from inference.distributed import barrier, setup_distributed, teardown
 from inference.errors import USER_ERRORS, one_line
 from inference.pairs import generate_pairs, grid_row, mean_scores, save_png
@@ -89,7 +89,7 @@ def parse_args(argv=None):
                    help="classifier-free guidance scale s (default: the config's sample.cfg_scale, 2.0)")
     p.add_argument("--scale-pow", type=float,
                    help="power p of the power-cosine guidance schedule (default: the config's sample.scale_pow, 0.01)")
-    p.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim",
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                    help="ddim: the released DDIM (eta 0); dpm++: DPM-Solver++ (diffusers), good at ~20 steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument("--limit", type=int, help="generate only the first N test pairs")
