@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.deepfashion import PairDataset
+from data.files import atomic_path
 
 KINDS = ("generated", "target", "source")
 
@@ -27,9 +28,10 @@ def to_uint8(x):
 
 
 def save_png(x, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(x)).save(path)
+    """An image (3, H, W) in [-1, 1] as a PNG file, written atomically (data/files.py): an interrupted run never
+    leaves a half-written image that a resumed run would take as done."""
+    with atomic_path(path) as staged:
+        Image.fromarray(to_uint8(x)).save(staged, format="PNG")
 
 
 def grid_row(*images):

@@ -164,6 +164,27 @@ def test_pairs_have_matching_names_and_resume(setup, tmp_path):
     assert (tmp_path / "generated" / names[0]).stat().st_mtime_ns != stamp
 
 
+def test_an_interrupted_write_leaves_no_image_that_resume_would_take_as_done(setup, tmp_path, monkeypatch):
+    save, calls = Image.Image.save, []
+
+    def cut_short(image, fp, *args, **kwargs):  # pair 0's source, the last output resume checks, is cut off
+        calls.append(fp)
+        if len(calls) == 3:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n")
+            raise KeyboardInterrupt
+        return save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path, "--limit", "1")
+    monkeypatch.undo()
+    assert sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*.png")) == ["generated", "target"]
+    run(setup, tmp_path, "--limit", "1")
+    for folder in ("generated", "target", "source", "grids"):
+        [path] = (tmp_path / folder).iterdir()
+        assert Image.open(path).size[0] in (SIZE, 4 * SIZE)
+
+
 def test_outputs_do_not_depend_on_batch_size(setup, tmp_path):
     run(setup, tmp_path / "a", "--limit", "3", "--batch-size", "1", "--no-grids")
     run(setup, tmp_path / "b", "--limit", "3", "--batch-size", "3", "--no-grids")
