@@ -219,15 +219,18 @@ def detect_person(rgb, name="photo", min_visibility=0.5, min_joints=0):
     MediaPipe finds no person, or fewer than `min_joints` of the 18 joints at `min_visibility` or above inside
     the photo."""
     _check_rgb(rgb)
+    no_person = ValueError(f"{name}: no person found (MediaPipe Pose); the photo must show a person")
     found = _detect(rgb)
     if found is None:
-        raise ValueError(f"{name}: no person found (MediaPipe Pose); the photo must show a person")
+        raise no_person
     landmarks, mask = found
     keypoints = coco18_from_mediapipe(landmarks, rgb.shape[:2], min_visibility)
     require_joints(keypoints, name, min_joints, f"with visibility >= {min_visibility} inside the photo")
     ys, xs = np.nonzero(mask > 0.5) if mask is not None else (np.zeros(0), np.zeros(0))
     present = keypoints[(keypoints != MISSING).all(axis=1)]
     xs, ys = np.concatenate([xs, present[:, 0]]), np.concatenate([ys, present[:, 1]])
+    if xs.size == 0:  # landmarks, but none visible and no pixel of the mask: nobody to frame
+        raise no_person
     box = (int(np.floor(xs.min())), int(np.floor(ys.min())), int(np.ceil(xs.max())) + 1, int(np.ceil(ys.max())) + 1)
     return Detection(keypoints, box)
 

@@ -174,6 +174,9 @@ def test_detect_person_errors(monkeypatch):
     with pytest.raises(ValueError, match="me.jpg: only 3 of 18 joints found"):
         detect_person(rgb, name="me.jpg", min_joints=4)
     assert (detect_person(rgb, min_joints=3).keypoints != -1).all(axis=1).sum() == 3
+    landmarks[:, 2] = 0.1  # landmarks, none of them visible, and an empty mask: no one to frame
+    with pytest.raises(ValueError, match="me.jpg: no person found"):
+        detect_person(rgb, name="me.jpg")
 
 
 def test_person_box_covers_the_mask_and_the_joints(monkeypatch):
