@@ -12,7 +12,6 @@ low-resolution pictures (176 wide plus 40 pixel white borders), map onto it with
 """
 
 import io
-import os
 from contextlib import ExitStack
 from functools import partial
 from multiprocessing import Pool
@@ -26,29 +25,7 @@ from tqdm import tqdm
 
 from data.lmdb import LMDBReader, LMDBWriter
 from data.pose import FLIP_JOINTS, MISSING, draw_skeleton, load_keypoints, to_image_coords
-
-
-def flat_name(path):
-    """The flat file name of an image path, without extension (the evaluation protocol's naming).
-
-    img/WOMEN/Blouses_Shirts/id_00000637/03_1_front.jpg -> fashionWOMENBlouses_Shirtsid0000063703_1front
-    """
-    parts = path.removeprefix("img/").split("/")
-    if len(parts) != 4:
-        raise ValueError(f"expected an image path img/<group>/<category>/<id>/<file>, got {path!r}")
-    group, category, identity, file = parts
-    head, _, tail = os.path.splitext(file)[0].partition("_")
-    return f"fashion{group}{category}{identity.replace('_', '')}{head}_{tail.replace('_', '')}"
-
-
-def pair_name(source, target):
-    """The output name of a generated image, without extension: `{source}_2_{target}_vis`."""
-    return f"{flat_name(source)}_2_{flat_name(target)}_vis"
-
-
-def image_key(path):
-    """The LMDB key of an image path: the path with its extension replaced by .png."""
-    return os.path.splitext(path)[0] + ".png"
+from eval.images import flat_name, image_key, pair_name
 
 
 def pose_file(root, path):
@@ -206,20 +183,6 @@ def open_images(root, size):
     """The LMDB of the size x size images of a dataset root, `{root}/{size}-{size}/`."""
     return LMDBReader(Path(root) / f"{size}-{size}", "LMDB",
                       hint=f"make it with python -m scripts.prepare_deepfashion --sizes {size}")
-
-
-def listed_keys(images, image_list):
-    """The LMDB keys of the images of an image list such as train.lst, whose lines are image paths or flat
-    names (`flat_name` + extension): each is matched to the stored path it names. Missing ones are an error."""
-    stored = images.keys()
-    index = {key: key for key in stored}
-    index.update({image_key(flat_name(key)): key for key in stored if key.startswith("img/")})
-    wanted = [image_key(line.strip()) for line in Path(image_list).read_text().splitlines() if line.strip()]
-    missing = [name for name in wanted if name not in index]
-    if missing:
-        raise KeyError(f"{len(missing)} of the {len(wanted)} images of {image_list} are not in the LMDB "
-                       f"{images.path} (first: {', '.join(missing[:3])})")
-    return [index[name] for name in wanted]
 
 
 class ImageList(Dataset):

@@ -21,9 +21,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.deepfashion import flat_name, image_key, pose_file
+from data.deepfashion import pose_file
 from data.lmdb import LMDBWriter
 from data.pose import MISSING, NUM_JOINTS, RAW_HEIGHT, RAW_WIDTH, from_image_coords
+from eval.images import flat_name, image_key
 
 # DeepFashion's view numbers and names (img/.../01_1_front.jpg); a sixth pose starts a second outfit.
 VIEWS = [(1, "front"), (2, "side"), (3, "back"), (4, "full"), (7, "additional")]

@@ -1,9 +1,11 @@
 """FID, SSIM, PSNR and LPIPS of generated DeepFashion images, with the PIDM/GFLA protocol (or CFLD's).
 
-    python -m eval.fid_ssim_lpips --generated out/ --target test_256/ --real-train datasets/deepfashion \
+    python eval/fid_ssim_lpips.py --generated out/ --target test_256/ --real-train datasets/deepfashion \
         --stats-cache ~/.cache/xmdpt --json metrics.json
 
-The metric definitions are in eval/metrics.py; this file finds the images, runs the passes and reports.
+The metric definitions are in eval/metrics.py and the image files in eval/images.py; this file runs the
+passes and reports. eval/ needs nothing else of this repository: copy the folder next to any method's outputs
+and run this file by its path, from any folder.
 """
 import argparse
 import hashlib
@@ -13,142 +15,24 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from data.deepfashion import ImageList, listed_keys
-from data.files import atomic_path
-from data.lmdb import LMDBReader
-from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
-                          build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance, lpips_input,
-                          network_fingerprint, paired_scores)
+if __package__:  # imported (eval.fid_ssim_lpips), or run as python -m eval.fid_ssim_lpips
+    from .images import ImageFiles, pair_files, read_rgb, real_images
+    from .metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
+                          build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance,
+                          lpips_input, network_fingerprint, paired_scores)
+else:  # run by its path, python eval/fid_ssim_lpips.py: this folder is the first on the module path
+    from images import ImageFiles, pair_files, read_rgb, real_images
+    from metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
+                         build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance,
+                         lpips_input, network_fingerprint, paired_scores)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 STATS_VERSION = "fid-v2"  # bump when the FID pipeline or the cache key changes, so old caches are not reused
 PROTOCOL_NAMES = {"pidm": "PIDM/GFLA", "cfld": "CFLD"}
-
-
-# ----------------------------------------------------------------------------- images and names
-
-def decode_rgb(data, name):
-    """Encoded image bytes -> uint8 RGB array (H, W, 3)."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot decode image {name}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def read_rgb(path):
-    """An image file as uint8 RGB (H, W, 3)."""
-    return decode_rgb(Path(path).read_bytes(), path)
-
-
-def list_images(folder):
-    """The image files directly inside `folder`, sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def legacy_target(name):
-    """`{source}_2_{target}_vis.png` -> `target`; None for any other name."""
-    stem = Path(name).stem
-    if not stem.endswith("_vis") or stem[:-4].count("_2_") != 1:
-        return None
-    return stem[:-4].split("_2_")[1]
-
-
-def legacy_ground_truth(name, target_dir):
-    """The ground-truth file of a legacy name: `{target}.png` (or .jpg/.jpeg) in `target_dir`."""
-    target = legacy_target(name)
-    if target is None:
-        raise ValueError(f"{name} is not a legacy name `{{source}}_2_{{target}}_vis.png`")
-    candidates = [Path(target_dir) / f"{target}{ext}" for ext in IMAGE_EXTENSIONS]
-    return next((p for p in candidates if p.is_file()), candidates[0])
-
-
-def pair_files(generated_dir, target_dir, naming="auto"):
-    """(ground truth, generated) path pairs, one per image of `generated_dir`.
-
-    naming: "same" (identical file names in both folders), "legacy" (the ground truth is the target part of
-    `{source}_2_{target}_vis.png`) or "auto" (same names when they all exist, else legacy when all names are
-    legacy ones). A missing ground-truth file is an error naming it.
-    """
-    generated, target_dir = list_images(generated_dir), Path(target_dir)
-    if not generated:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {generated_dir}")
-    if naming == "auto":
-        all_same = all((target_dir / p.name).is_file() for p in generated)
-        all_legacy = all(legacy_target(p.name) is not None for p in generated)
-        naming = "legacy" if all_legacy and not all_same else "same"
-    pairs = []
-    for path in generated:
-        gt = target_dir / path.name if naming == "same" else legacy_ground_truth(path.name, target_dir)
-        if not gt.is_file():
-            raise FileNotFoundError(f"missing ground-truth image {gt} (for {path.name})")
-        pairs.append((gt, path))
-    return pairs
-
-
-class ImageFiles(Dataset):
-    """Image files, each turned into a network input by `transform(rgb)`."""
-
-    def __init__(self, paths, transform):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(read_rgb(self.paths[i]))
-
-    def fingerprint(self):
-        """Names, sizes and modification times of the files."""
-        digest = hashlib.sha1()
-        for path in self.paths:
-            stat = path.stat()
-            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
-
-
-class LmdbImages(ImageList):
-    """The images of an image list in a DeepFashion LMDB (data.deepfashion.ImageList), with a fingerprint."""
-
-    def fingerprint(self):
-        """The keys, the length of each value, and data.mdb's size and modification time."""
-        stat = (self.images.path / "data.mdb").stat()
-        digest = hashlib.sha1(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        for key, size in zip(self.keys, self.images.value_sizes(self.keys)):
-            digest.update(f"{key}\0{size}\n".encode())
-        return digest.hexdigest()
-
-
-def open_real_images(path, size, transform):
-    """The FID real set: a folder of images, an LMDB folder `{root}/{size}-{size}` with `{root}/train.lst`,
-    or `{root}` itself (the LMDB of `--size` is used). train.lst holds image paths or flat names; the LMDB
-    stores each image under its path with a .png extension (data.deepfashion.listed_keys)."""
-    path = Path(path)
-    if (path / "data.mdb").is_file():
-        db_dir, image_list = path, path.parent / "train.lst"
-    elif (path / "train.lst").is_file():
-        db_dir, image_list = path / f"{size}-{size}", path / "train.lst"
-    else:
-        images = list_images(path)
-        if not images:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}")
-        return ImageFiles(images, transform)
-    if not image_list.is_file():
-        raise FileNotFoundError(f"{image_list} not found (needed for the LMDB real set)")
-    images = LMDBReader(db_dir, "LMDB real set")
-    try:
-        keys = listed_keys(images, image_list)
-    except KeyError as e:
-        raise KeyError(f"{e.args[0]}; pass a folder of the training images instead") from None
-    return LmdbImages(images, keys, transform)
 
 
 # ----------------------------------------------------------------------------- passes
@@ -181,8 +65,11 @@ def real_statistics(dataset, extractor, args):
         print(f"FID real statistics: loaded from {cache}")
         return *cached, count
     mu, sigma = feature_statistics(extract_features(dataset, extractor, count, args, "FID real"))
-    with atomic_path(cache) as staged, open(staged, "wb") as f:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staged = cache.with_name(f".{cache.name}.partial")  # renamed into place when complete
+    with open(staged, "wb") as f:
         np.savez(f, key=key, mu=mu, sigma=sigma)
+    os.replace(staged, cache)
     print(f"FID real statistics: saved to {cache}")
     return mu, sigma, count
 
@@ -346,7 +233,7 @@ def main(argv=None, inception=None, lpips_model=None):
     if inception is not None:
         extractor = InceptionFeatures(inception).to(args.device)
         transform = partial(fid_input, size=args.size, protocol=args.protocol)
-        mu_real, sigma_real, n_real = real_statistics(open_real_images(args.real_train, args.size, transform),
+        mu_real, sigma_real, n_real = real_statistics(real_images(args.real_train, args.size, transform),
                                                       extractor, args)
         generated = ImageFiles([gen for _, gen in pairs], transform)
         n_gen = used_count(len(generated), args.batch_size, args.keep_last_batch)

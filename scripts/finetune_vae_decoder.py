@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.deepfashion import ImageList, listed_keys, open_images, to_tensor
+from data.deepfashion import ImageList, open_images, to_tensor
 from data.files import atomic_path
+from eval.images import listed_keys
 from models.encoders import load_autoencoder
 
 FROZEN_PREFIXES = ("encoder.", "quant_conv.")  # everything before the latent; the decoder side trains
@@ -27,8 +28,8 @@ def split_images(root, size, split="train"):
     """The images of {root}/{split}.lst (image paths or flat names) from the LMDB, as (3, size, size) float
     tensors in [-1, 1]."""
     images = open_images(root, size)
-    return ImageList(images, listed_keys(images, Path(root) / f"{split}.lst"),
-                     to_tensor, size)
+    keys = listed_keys(images.keys(), Path(root) / f"{split}.lst", f"the LMDB {images.path}")
+    return ImageList(images, keys, to_tensor, size)
 
 
 def save_atomically(vae, out):

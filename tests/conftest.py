@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# The reference outputs of the released X-MDPT code and of DINOv2 live beside the repository, in
-# ../shared/fixtures (its README says how they were made); they are not copied in here.
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# The reference outputs of the released X-MDPT code and of DINOv2 (tests/fixtures/README.md says what each file
+# holds and how it was made).
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # OpenPose's COCO-18 joints in order, by name: the tests check the index tables of data/ against these.
 COCO18_NAMES = ["nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
@@ -40,13 +40,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def load_fixture(name):
-    """A file of ../shared/fixtures, loaded with torch.load; a test that needs it fails, naming it, when it is
-    missing."""
-    path = FIXTURES / name
-    if not path.is_file():
-        pytest.fail(f"{path} not found: the tests read the reference fixtures from ../shared/fixtures, "
-                    "beside this repository", pytrace=False)
-    return torch.load(path, weights_only=True)
+    """A file of tests/fixtures, loaded with torch.load."""
+    return torch.load(FIXTURES / name, weights_only=True)
 
 
 def as_float(tensors):
@@ -57,7 +52,7 @@ def as_float(tensors):
 @pytest.fixture(scope="session")
 def lowt():
     """(model, inputs, condition, outputs) of official_lowt_init.pt: the released code's losses at
-    t = 0, 0, 1, 3, 20, 150, 600, 999 (../shared/fixtures/README.md)."""
+    t = 0, 0, 1, 3, 20, 150, 600, 999 (tests/fixtures/README.md)."""
     from models import load_checkpoint
     data = load_fixture("official_lowt_init.pt")
     inputs = as_float(data["inputs"])
@@ -73,7 +68,7 @@ def released_init():
 
 @pytest.fixture(scope="session")
 def parity():
-    """The released X-MDPT code's reference outputs (../shared/fixtures/README.md)."""
+    """The released X-MDPT code's reference outputs (tests/fixtures/README.md)."""
     return load_fixture("official_parity_small.pt")
 
 

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.deepfashion import (PairDataset, flat_name, image_key, pair_name, pose_file, prepare_lmdbs,
-                              read_pairs)
+from data.deepfashion import PairDataset, pose_file, prepare_lmdbs, read_pairs
 from data.lmdb import LMDBReader, LMDBWriter
 from data.pose import FLIP_JOINTS, draw_skeleton, to_image_coords
 from data.synthetic import make_synthetic
+from eval.images import flat_name, image_key, pair_name
 from scripts import prepare_deepfashion
 
 TARGET = "img/WOMEN/Blouses_Shirts/id_00000637/03_1_front.jpg"

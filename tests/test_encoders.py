@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from conftest import load_fixture
-from data.deepfashion import flat_name
 from models.encoders import (DINOv2, IdentityFirstStage, LATENT_SCALE, VAEFirstStage, build_encoders,
                              dino_input, dinov2_width, resample_pos_embed)
+from eval.images import flat_name
 from scripts.finetune_vae_decoder import build_parser, finetune_decoder
 
 WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024, "vitg14": 1536}  # DINOv2 (Oquab et al., 2023), table 1

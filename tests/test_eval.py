@@ -1,10 +1,11 @@
-"""The evaluation metrics (shared/EVAL.md): Frechet distance, SSIM, PSNR, LPIPS, file naming, and the CLI.
+"""The evaluation metrics (docs/evaluation.md): Frechet distance, SSIM, PSNR, LPIPS, file naming, and the CLI.
 
 Networks here are randomly initialised (`random_weights=True`, `random_trunk=True`): these tests check the
 pipeline, never the published numbers.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -24,8 +25,8 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torchvision import transforms
 
-from data.deepfashion import flat_name, image_key
-from eval.fid_ssim_lpips import legacy_target, main, pair_files, read_rgb
+from eval.fid_ssim_lpips import main
+from eval.images import flat_name, image_key, legacy_target, pair_files, read_rgb
 from eval.metrics import (ALEXNET_FILE, INCEPTION_FILE, build_inception, build_lpips, feature_statistics,
                           frechet_distance, lpips_distance, lpips_input, paired_scores, psnr, ssim)
 
@@ -155,7 +156,7 @@ def test_lpips_equals_the_lpips_package_given_the_same_trunk(tmp_path, monkeypat
     names = ["p0.png", "p1.png", "p2.png"]
     gen, gt = write_images(tmp_path / "gen", names, rng), write_images(tmp_path / "gt", names, rng)
 
-    def package_input(path):  # EVAL.md's cv2 resize to 176x256, then the package's reader and [-1, 1] helper
+    def package_input(path):  # docs/evaluation.md's cv2 resize to 176x256, then the package's reader and [-1, 1] helper
         return lpips.im2tensor(cv2.resize(lpips.load_image(str(path)).astype(np.float32), (176, 256)))
 
     with torch.no_grad():
@@ -247,10 +248,38 @@ def test_cli_target_against_itself(folders):
     assert "--real-train" in results["not_computed"]["fid"]
 
 
-def test_script_help_runs_and_names_the_protocol():
-    help_text = subprocess.run([sys.executable, "-m", "eval.fid_ssim_lpips", "--help"], cwd=ROOT, check=True,
-                               capture_output=True, text=True).stdout
+def user_env(tmp_path):
+    """The environment of a user's shell: no PYTHONPATH, and a $TORCH_HOME with no weights in it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return dict(env, TORCH_HOME=str(tmp_path / "torch_home"))
+
+
+@pytest.mark.parametrize("command, where", [
+    (["eval/fid_ssim_lpips.py"], "root"),                       # as the README types it
+    (["-m", "eval.fid_ssim_lpips"], "root"),
+    ([str(ROOT / "eval" / "fid_ssim_lpips.py")], "elsewhere"),  # by its path, from another folder
+])
+def test_script_help_runs_as_a_user_types_it(command, where, tmp_path):
+    help_text = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT if where == "root" else tmp_path,
+                               env=user_env(tmp_path), check=True, capture_output=True, text=True).stdout
     assert "PIDM/GFLA protocol" in help_text and "--keep-last-batch" in help_text
+
+
+def test_eval_folder_copied_alone_computes_the_same_scores(folders, tmp_path):
+    """eval/ needs nothing else of this repository: copied on its own next to some outputs and run by its path,
+    it reports the scores the package computes."""
+    gen, gt, _ = folders
+    work = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "eval", work / "eval", ignore=shutil.ignore_patterns("__pycache__"))
+    out = work / "metrics.json"
+    subprocess.run([sys.executable, "eval/fid_ssim_lpips.py", "--generated", str(gen), "--target", str(gt),
+                    "--json", str(out), "--workers", "0", "--device", "cpu"], cwd=work, env=user_env(tmp_path),
+                   check=True, capture_output=True, text=True)
+    copied = json.loads(out.read_text())
+    here = main(["--generated", str(gen), "--target", str(gt), "--workers", "0", "--device", "cpu"])
+    assert copied["pairs"] == 3 and 0 < copied["ssim"] < 1
+    assert (copied["ssim"], copied["psnr"]) == (here["ssim"], here["psnr"])
+    assert set(copied["not_computed"]) == {"fid", "lpips"}
 
 
 class Recording(torch.nn.Module):
@@ -270,7 +299,7 @@ class Recording(torch.nn.Module):
 
 
 def reference_fid_input(paths):
-    """EVAL.md's FID preprocessing written out: float 0..255, cv2 to 176x256, /255, bilinear 299, affine."""
+    """docs/evaluation.md's FID preprocessing written out: float 0..255, cv2 to 176x256, /255, bilinear 299, affine."""
     images = [cv2.resize(cv2.imread(str(p))[..., ::-1].astype(np.float32), (176, 256)) / 255 for p in paths]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
@@ -349,7 +378,7 @@ def cfld_reference(gt_paths, gen_paths, real_paths, lpips_model):
     """CFLD's evaluation written out: per-pair scores, LPIPS, and the FID network inputs (real set first).
 
     Every image goes through torchvision's PIL bicubic Resize to 256x176 and ToTensor, as CFLD's datasets do for
-    the ground truth and the real set; the generated images get the same PIL resize (EVAL.md), then CFLD's
+    the ground truth and the real set; the generated images get the same PIL resize (docs/evaluation.md), then CFLD's
     uint8 round trip. The scores use CFLD's (C, H, W) float32 arrays.
     """
     load = transforms.Compose([transforms.Resize([256, 176], transforms.InterpolationMode.BICUBIC, antialias=True),

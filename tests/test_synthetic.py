@@ -4,10 +4,11 @@ import cv2
 import numpy as np
 import pytest
 
-from data.deepfashion import PairDataset, flat_name, image_key, pose_file, read_pairs
+from data.deepfashion import PairDataset, pose_file, read_pairs
 from data.lmdb import LMDBReader
 from data.pose import load_keypoints, to_image_coords
 from data.synthetic import make_synthetic
+from eval.images import flat_name, image_key
 from scripts import make_synthetic as make_synthetic_script
 
 PATH = re.compile(r"img/SYNTH/Figures/id_\d{8}/\d{2}_[12347]_(front|side|back|full|additional)\.jpg")

@@ -229,6 +229,17 @@ def test_two_processes_with_gloo(synth, tmp_path):
     assert len(ckpt["rng"]) == 2
 
 
+def test_run_train_sh_trains_as_a_user_types_it(synth, tmp_path):
+    """`bash run_train.sh`, with the CONFIG and OUT it reads from the environment and overrides passed on."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_config(synth)))
+    env = dict(os.environ, CONFIG=str(tmp_path / "cfg.yaml"), OUT=str(tmp_path / "run"), OMP_NUM_THREADS="1")
+    subprocess.run(["bash", "run_train.sh", "--max-steps", "2", "--log-every", "1", "train.lr=5e-4"], cwd=ROOT,
+                   env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert [r["step"] for r in read_log(tmp_path / "run")] == ["1", "2"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ckpt["run_config"]["train"]["lr"] == 5e-4 and ckpt["opt"]["param_groups"][0]["lr"] == 5e-4
+
+
 def test_overrides_read_exponents_as_floats(tmp_path):
     """`train.lr=1e-3` (YAML 1.1 would give the string '1e-3') is a float, in overrides and in files."""
     cfg = load_config(ROOT / "configs/demo.yaml", ["train.lr=1e-3", "train.weight_decay=5E+0", "data.root=1e3x"])
