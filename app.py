@@ -6,22 +6,21 @@
 The page takes a photo of a person and a target pose from another photo, from a keypoint file (DeepFashion
 .txt or OpenPose .json) or from the gallery (assets/poses). It shows the photo framed as the model sees it,
 the skeletons found on the photos, the target skeleton and the generated image. It runs the same Pipeline and
-the same handling of photos as infer_xmdpt.py (inference/photos.py), so the same inputs and seed give the same
-image. Errors (no person, too few joints, an unreadable file) appear on the page.
+the same framing of photos and poses as infer_xmdpt.py (data/photo.py, inference/poses.py), so the same inputs
+and seed give the same image. Errors (no person, too few joints, an unreadable file) appear on the page.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import gradio as gr
-import torch
 
-from data.photo import FRAMINGS
+from data.errors import InputError, UserError, one_line, reported
+from data.images import to_uint8
+from data.photo import FRAMINGS, frame_photo
 from data.pose import draw_skeleton, to_image_coords
 from inference.pipeline import DEMO_CONFIG, SAMPLERS, Pipeline, add_model_arguments, model_files
-from inference.errors import USER_ERRORS, one_line
-from inference.pairs import to_uint8
-from inference.photos import VIEW_SIZE, generate, pose_file, pose_overlay, pose_photo, source_photo
+from inference.poses import VIEW_SIZE, pose_from_file, pose_from_photo, pose_overlay
+from models.distributed import default_device
 
 ROOT = Path(__file__).resolve().parent
 GALLERY = sorted((ROOT / "assets" / "poses").glob("*.json"))
@@ -45,22 +44,22 @@ def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler
     its skeleton, the pose photo with its skeleton (None unless the pose came from a photo), the target
     skeleton, and the generated image (at the model's size)."""
     if source_rgb is None:
-        raise ValueError("upload a photo of a person as the source")
-    source = source_photo(source_rgb, pipe.size, "your photo", framing)
+        raise InputError("upload a photo of a person as the source")
+    source = frame_photo(source_rgb, pipe.size, "your photo", framing)
     pose_view = None
     if mode == "photo":
         if pose_rgb is None:
-            raise ValueError("upload the photo whose pose is the target, or pick another source of poses")
-        target = pose_photo(pose_rgb, pipe.size, "the pose photo", framing)
+            raise InputError("upload the photo whose pose is the target, or pick another source of poses")
+        target = pose_from_photo(pose_rgb, pipe.size, "the pose photo", framing)
         keypoints, pose_view = target.keypoints, to_uint8(pose_overlay(pose_rgb, target))
     elif mode == "keypoint file":
         if pose_path is None:
-            raise ValueError("upload a keypoint file (.txt or .json), or pick another source of poses")
-        keypoints = pose_file(pose_path)
+            raise InputError("upload a keypoint file (.txt or .json), or pick another source of poses")
+        keypoints = pose_from_file(pose_path)
     else:
-        keypoints = pose_file(GALLERY[gallery_index])
-    image = generate(pipe, source, keypoints, int(seed), steps=int(steps) if steps else None, cfg_scale=cfg_scale,
-                     scale_pow=scale_pow, sampler=sampler, progress=progress)
+        keypoints = pose_from_file(GALLERY[gallery_index])
+    image = pipe(source.image[None], keypoints=[keypoints], seeds=[int(seed)], steps=int(steps) if steps else None,
+                 cfg_scale=cfg_scale, scale_pow=scale_pow, sampler=sampler, progress=progress)[0]
     return (to_uint8(source.image), to_uint8(pose_overlay(source_rgb, source)), pose_view,
             skeleton_view(keypoints), to_uint8(image))
 
@@ -74,7 +73,7 @@ def build(pipe, demo=False):
         try:
             return transfer(pipe, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow,
                             seed, framing, progress=True)
-        except USER_ERRORS as e:
+        except UserError as e:
             raise gr.Error(one_line(e)) from None
 
     def show(mode):
@@ -91,7 +90,7 @@ def build(pipe, demo=False):
                               elem_id="source")
             with gr.Column():
                 mode = gr.Radio(MODES, value="gallery", label="Target pose from", elem_id="mode")
-                gallery = gr.Gallery([(skeleton_view(pose_file(p)), p.stem) for p in GALLERY], label="Poses",
+                gallery = gr.Gallery([(skeleton_view(pose_from_file(p)), p.stem) for p in GALLERY], label="Poses",
                                      columns=6, allow_preview=False, selected_index=0, format="png",
                                      elem_id="gallery")
                 pose_rgb = gr.Image(type="numpy", sources=["upload"], format="png", visible=False,
@@ -121,17 +120,15 @@ def build(pipe, demo=False):
 
 
 def main(argv=None):
+    """Load the pipeline and serve the page."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     args = p.parse_args(argv)
     config, checkpoint = model_files(p, args)
-    try:
-        pipe = Pipeline.from_config(config, checkpoint, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except USER_ERRORS as e:
-        print(f"app.py: error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    with reported("app.py"):
+        pipe = Pipeline.from_config(config, checkpoint, args.device or default_device())
     fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's: no font is fetched from the web
     build(pipe, demo=config == DEMO_CONFIG).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, css=CSS,

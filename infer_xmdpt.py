@@ -21,34 +21,34 @@ photo. A missing or unreadable file, a photo with no person, too few joints or a
 fit the config ends the run with one line that says so, and exit status 2 (--debug: the traceback).
 """
 import argparse
-import sys
 from pathlib import Path
 
 from configs import load_config
-from data.photo import FRAMINGS, read_photo
+from data.errors import OutputExistsError, reported
+from data.images import grid_row, save_png
+from data.photo import FRAMINGS, frame_photo, read_photo
+from inference.pairs import generate_pairs, mean_scores
 from inference.pipeline import SAMPLERS, Pipeline, add_model_arguments, model_files
-from inference.distributed import barrier, setup_distributed, teardown
-from inference.errors import USER_ERRORS, one_line
-from inference.pairs import generate_pairs, grid_row, mean_scores, save_png
-from inference.photos import generate, pose_file, pose_photo, save_pose, source_photo
+from inference.poses import pose_from_file, pose_from_photo, save_pose
+from models.distributed import barrier, setup_distributed, teardown
 
 
 def own_photo(args, pipe, out, settings):
     """--source with --target-pose(-from): one image, its grid, and the poses found on the photos."""
     source_rgb = read_photo(args.source)
-    source = source_photo(source_rgb, pipe.size, args.source, args.framing)
+    source = frame_photo(source_rgb, pipe.size, args.source, args.framing)
     found = [(Path(args.source).stem, source_rgb, source)]
     if args.target_pose_from:
         pose_rgb = read_photo(args.target_pose_from)
-        target = pose_photo(pose_rgb, pipe.size, args.target_pose_from, args.framing)
+        target = pose_from_photo(pose_rgb, pipe.size, args.target_pose_from, args.framing)
         keypoints = target.keypoints
         found.append((Path(args.target_pose_from).stem, pose_rgb, target))
     else:
-        keypoints = pose_file(args.target_pose)
+        keypoints = pose_from_file(args.target_pose)
     path = out / "generated" / f"{Path(args.source).stem}_2_{Path(args.target_pose or args.target_pose_from).stem}.png"
     if path.exists() and not args.overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    image = generate(pipe, source, keypoints, args.seed, **settings)
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
+    image = pipe(source.image[None], keypoints=[keypoints], seeds=[args.seed], **settings)[0]
     save_png(image, path)
     save_png(grid_row(source.image, pipe.skeletons([keypoints])[0] * 2 - 1, image), out / "grids" / path.name)
     poses = [save_pose(rgb, framed, out / "poses", name) for name, rgb, framed in found]
@@ -71,6 +71,7 @@ def test_pairs(args, cfg, pipe, out, settings, rank, world):
 
 
 def ensure_demo_data(cfg):
+    """Make the demo's synthetic set at the config's data.root unless it is there."""
     from data.synthetic import make_synthetic
     root = Path(cfg["data"]["root"])
     if not (root / "test_pairs.txt").is_file():
@@ -79,6 +80,7 @@ def ensure_demo_data(cfg):
 
 
 def parse_args(argv=None):
+    """The command line, checked: --source needs a target pose and the other way round."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--data", help="dataset root in the DeepFashion layout (default: the config's data.root)")
@@ -116,6 +118,7 @@ def parse_args(argv=None):
 
 
 def run(args):
+    """Build the pipeline once, then generate the test pairs or the own photo."""
     cfg = load_config(args.config)
     rank, world, device = setup_distributed()
     try:
@@ -133,14 +136,10 @@ def run(args):
 
 
 def main(argv=None):
+    """Generate as the command line says; a user error ends in one line and exit status 2."""
     args = parse_args(argv)
-    try:
+    with reported("infer_xmdpt.py", args.debug):
         run(args)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"infer_xmdpt.py: error: {one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

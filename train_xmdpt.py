@@ -3,11 +3,9 @@
   python train_xmdpt.py --config configs/xmdpt_s.yaml --out runs/xmdpt_s [section.key=value ...]
   torchrun --nproc_per_node 2 train_xmdpt.py --config configs/xmdpt_l_512.yaml --out runs/l512
 
-Each step sums the hybrid loss of an unmasked forward and (with MIPNet) of a masked forward on the same
-x_t, t and noise (models/training.py). The frozen encoders run only on what the step uses (the target's
-skeleton, the source image, both latents), or not at all with a feature cache (data.cache). The run directory
-holds log.csv, TensorBoard events, sample grids and atomic checkpoints; --resume continues from the newest one
-exactly.
+A step: a batch, its model inputs (the frozen encoders on the pixels, or a feature cache's entries), the
+objective (models/objective.py), backward, clipping, the optimizer step and the EMA. The run directory holds
+log.csv, TensorBoard events, sample grids and checkpoints; --resume continues from the newest one exactly.
 """
 import argparse
 import contextlib
@@ -28,39 +26,165 @@ from tqdm.auto import tqdm
 from configs import load_config, model_config
 from data.cache import CachedPairs, FeatureCache, encoder_signature
 from data.deepfashion import PairDataset
+from data.errors import InputError, OutputExistsError, reported
 from data.files import atomic_path
-from data.sampler import ResumableSampler, SeededDataset
+from data.sampler import ResumableSampler, SeededDataset, item_seed
 from inference.pipeline import Pipeline, encode_pairs
-from inference.distributed import setup_distributed, teardown
-from inference.pairs import pair_seed
 from models import XMDPT, Diffusion
 from models.checkpoint import read_checkpoint
+from models.distributed import setup_distributed, teardown
 from models.encoders import build_encoders
-from models.training import Objective, step_inputs, update_ema
+from models.objective import XMDPTLoss
 
 # Keys that may change between a run and its resumption.
 RUN_KEYS = {"max_steps", "ckpt_every", "log_every", "sample_every", "workers"}
-# The loss terms (models/training.py), means over the global batch; masked_* are absent without MIPNet.
-LOSSES = ["total", "plain_loss", "plain_mse", "plain_vb", "masked_loss", "masked_mse", "masked_vb"]
-LOG_COLUMNS = ["step", *LOSSES, "lr", "steps_per_s"]
 
 
 def train(cfg, out, resume=False):
     """Train as `cfg` says into the run directory `out` (with `resume`, from its newest checkpoint); returns the
     trained model and its EMA."""
+    tc, out = cfg["train"], Path(out)
     rank, world, device = setup_distributed()
     try:
+        # ------------------------------------------------------------------------------------------ setup
+        if tc["global_batch"] % (world * tc["grad_accum"]):
+            raise InputError(f"train.global_batch {tc['global_batch']} must be divisible by processes x "
+                             f"grad_accum = {world} x {tc['grad_accum']}")
         checkpoint = checkpoint_to_resume(cfg, out, resume, rank)
-        run = Run(cfg, out, checkpoint, rank, world, device)
-        run.loop()
-        return run.model, run.ema
+        torch.manual_seed(tc["seed"] + rank)
+        np.random.seed(tc["seed"] + rank)
+        random.seed(tc["seed"] + rank)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                  enabled=device.type == "cuda" and tc["mixed_precision"] == "bf16")
+
+        # ------------------------------------------------------------------------------------------- data
+        cached = cfg["data"]["cache"] is not None  # a feature cache: no encoder runs in a step
+        train_set = training_data(cfg)
+        encoders = build_encoders(cfg["encoders"], device)
+        samples = sample_pairs(cfg, encoders, device) if rank == 0 and tc["sample_every"] else None
+        if cached:
+            encoders.pose = encoders.image = None  # the first stage stays: it samples latents from the cache
+
+        # ---------------------------------------------------------------------------------- model and EMA
+        model = XMDPT(model_config(cfg)).to(device)
+        ema = XMDPT(model.config).to(device).eval().requires_grad_(False)
+        ema.load_state_dict(model.state_dict())
+        objective = XMDPTLoss(model, Diffusion())
+        step_objective = DistributedDataParallel(objective) if world > 1 else objective
+
+        # -------------------------------------------------------------------------------------- optimizer
+        opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+
+        # ----------------------------------------------------------------------------------------- resume
+        step = 0
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            ema.load_state_dict(checkpoint["ema"])
+            opt.load_state_dict(checkpoint["opt"])
+            step = checkpoint["step"]
+            states = checkpoint["rng"]
+            set_rng_state(states[rank] if len(states) == world else states[0])
+        micro = tc["global_batch"] // (world * tc["grad_accum"])
+        sampler = ResumableSampler(len(train_set), tc["global_batch"], tc["seed"], rank, world,
+                                   start=step * tc["global_batch"])
+        batches = iter(DataLoader(SeededDataset(train_set), batch_size=micro, sampler=sampler,
+                                  num_workers=cfg["data"]["workers"], pin_memory=device.type == "cuda",
+                                  generator=torch.Generator()))
+        log = Log(out, objective.terms, step) if rank == 0 else None
+        sums = LossSums(device)
+
+        def save():
+            sums.check_finite(world, out)
+            save_checkpoint(out, step, model, ema, opt, cfg, world, rank)
+
+        # ------------------------------------------------------------------------------------------- loop
+        bar = tqdm(total=tc["max_steps"], initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+        try:
+            while step < tc["max_steps"]:
+                opt.zero_grad(set_to_none=True)
+                for micro_step in range(tc["grad_accum"]):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()
+                             if torch.is_tensor(v)}
+                    x0, cond = encoders.training_inputs(batch, cached)
+                    last = world == 1 or micro_step == tc["grad_accum"] - 1  # DDP averages gradients here
+                    with (contextlib.nullcontext() if last else step_objective.no_sync()), autocast:
+                        terms = step_objective(x0, cond)
+                    (terms["total"] / tc["grad_accum"]).backward()
+                    sums.add(terms, 1 / tc["grad_accum"], step + 1)
+                if tc["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+                opt.step()
+                update_ema(ema, model, tc["ema"])
+                step += 1
+                bar.update(1)
+                if step % tc["log_every"] == 0 or step == tc["max_steps"]:
+                    sums.check_finite(world, out)
+                    means, rate = sums.take(world)
+                    if log is not None:
+                        log.write(step, means, opt.param_groups[0]["lr"], rate)
+                        bar.set_postfix(loss=f"{means['total']:.4f}")
+                if step % tc["ckpt_every"] == 0 or step == tc["max_steps"]:
+                    save()
+                if samples is not None and step % tc["sample_every"] == 0:
+                    write_samples(out, step, Pipeline(ema, encoders, cfg["data"]["size"], cfg["sample"], device),
+                                  samples, log)
+        except KeyboardInterrupt:
+            save()
+            if rank == 0:
+                print(f"\ninterrupted: saved the checkpoint of step {step} in {out / 'checkpoints'}", file=sys.stderr)
+            raise SystemExit(130)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        return model, ema
     finally:
         teardown()
 
 
-# ------------------------------------------------------------------------------------------------- resume
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+def training_data(cfg):
+    """The training pairs: pixels, or the feature cache's entries for them (data.cache)."""
+    d = cfg["data"]
+    pairs = PairDataset(d["root"], d["size"], "train", scale_jitter=d["scale_jitter"])
+    if d["cache"] is None:
+        return pairs
+    return CachedPairs(pairs, FeatureCache(d["cache"], encoder_signature(cfg["encoders"], d["size"])))
+
+
+def sample_pairs(cfg, encoders, device):
+    """The first `sample.num_pairs` test pairs, for the sample grids: their images and skeletons, and their model
+    inputs with each pair's noise."""
+    test = PairDataset(cfg["data"]["root"], cfg["data"]["size"], "test")
+    items = [test[i] for i in range(min(cfg["sample"]["num_pairs"], len(test)))]
+    images = {k: torch.stack([it[k] for it in items]) for k in ("source", "target", "target_skeleton")}
+    seeds = [item_seed(cfg["train"]["seed"], i) for i in range(len(items))]
+    return dict(images, inputs=encode_pairs(encoders, images["source"], images["target_skeleton"], seeds, device))
+
+
+@torch.no_grad()
+def write_samples(out, step, pipe, samples, log):
+    """source | target | skeleton | generated (EMA weights), one row per sample pair, as a PNG and in TensorBoard."""
+    from torchvision.utils import make_grid, save_image
+    columns = [samples["source"], samples["target"], samples["target_skeleton"] * 2 - 1, pipe.sample(samples["inputs"])]
+    grid = make_grid(((torch.stack(columns, dim=1).flatten(0, 1) + 1) / 2).clamp(0, 1), nrow=len(columns))
+    save_image(grid, Path(out) / "samples" / f"{step:07d}.png")
+    log.tensorboard.add_image("samples", grid, step)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
 
 def newest_checkpoint(out):
+    """The path of the newest checkpoint in `out`/checkpoints, or None."""
     ckpts = sorted((Path(out) / "checkpoints").glob("*.pt"))
     return ckpts[-1] if ckpts else None
 
@@ -71,18 +195,19 @@ def checkpoint_to_resume(cfg, out, resume, rank):
     newest = newest_checkpoint(out)
     if not resume:
         if newest is not None and rank == 0:
-            raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
+            raise OutputExistsError(f"{out} already holds checkpoints; pass --resume to continue, or another --out")
         return None
     if newest is None:
         return None
     contents = read_checkpoint(newest).contents
     diffs = config_differences(contents["run_config"], cfg)
     if diffs:
-        raise ValueError(f"{out} holds a run of another config; refusing to resume:\n  " + "\n  ".join(diffs))
+        raise InputError(f"{out} holds a run of another config; refusing to resume:\n  " + "\n  ".join(diffs))
     return contents
 
 
 def config_differences(saved, current, prefix=""):
+    """The keys in which two configs differ, as 'key: a in the run, b now' lines (RUN_KEYS may differ)."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
@@ -95,7 +220,22 @@ def config_differences(saved, current, prefix=""):
     return diffs
 
 
+def save_checkpoint(out, step, model, ema, opt, cfg, world, rank):
+    """Write `checkpoints/{step:07d}.pt` atomically: the weights, the EMA, the optimizer, the configs and every
+    process's random states."""
+    states = [rng_state()]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, rng_state())
+    if rank == 0:
+        contents = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "model_config": asdict(model.config), "run_config": cfg, "rng": states}
+        with atomic_path(Path(out) / "checkpoints" / f"{step:07d}.pt") as staged:
+            torch.save(contents, staged)
+
+
 def rng_state():
+    """This process's random states (torch, Python, NumPy and CUDA), as tensors and numbers torch.save keeps."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
@@ -106,6 +246,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore the random states `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
@@ -114,172 +255,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# -------------------------------------------------------------------------------------------------- build
-
-def training_data(cfg, signature):
-    """The training pairs: pixels, or the feature cache's entries for them."""
-    d = cfg["data"]
-    pairs = PairDataset(d["root"], d["size"], "train", scale_jitter=d["scale_jitter"])
-    return CachedPairs(pairs, FeatureCache(d["cache"], signature)) if d["cache"] else pairs
-
-
-def frozen_encoders(cfg, device, sample_pairs):
-    """The frozen encoders, and the model inputs of the first `sample_pairs` test pairs (the sample grid's,
-    with their images and skeletons). With a feature cache a step runs no encoder: the DINOv2 encoders are
-    released once the sample grid's inputs are made; the first stage stays, to turn cached moments into
-    latents and decode the samples."""
-    encoders = build_encoders(cfg["encoders"], device)
-    samples = None
-    if sample_pairs:
-        test = PairDataset(cfg["data"]["root"], cfg["data"]["size"], "test")
-        items = [test[i] for i in range(min(sample_pairs, len(test)))]
-        images = {k: torch.stack([it[k] for it in items]) for k in ("source", "target", "target_skeleton")}
-        seeds = [pair_seed(cfg["train"]["seed"], i) for i in range(len(items))]
-        samples = dict(images, inputs=encode_pairs(encoders, images["source"], images["target_skeleton"], seeds,
-                                                   device))
-    if cfg["data"]["cache"]:
-        encoders.pose = encoders.image = None
-    return encoders, samples
-
-
-class Run:
-    """A training run, built from a config and the checkpoint it resumes (or None)."""
-
-    def __init__(self, cfg, out, checkpoint, rank, world, device):
-        self.cfg, self.tc, self.out = cfg, cfg["train"], Path(out)
-        self.rank, self.world, self.device = rank, world, device
-        tc = self.tc
-        if tc["global_batch"] % (world * tc["grad_accum"]):
-            raise ValueError(f"train.global_batch {tc['global_batch']} must be divisible by processes x grad_accum "
-                             f"= {world} x {tc['grad_accum']}")
-        torch.manual_seed(tc["seed"] + rank)
-        np.random.seed(tc["seed"] + rank)
-        random.seed(tc["seed"] + rank)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-        train_set = training_data(cfg, encoder_signature(cfg["encoders"], cfg["data"]["size"]))
-        sample_pairs = cfg["sample"]["num_pairs"] if rank == 0 and tc["sample_every"] else 0
-        self.encoders, self.samples = frozen_encoders(cfg, device, sample_pairs)
-        self.model = XMDPT(model_config(cfg)).to(device)
-        self.ema = XMDPT(self.model.config).to(device).eval().requires_grad_(False)
-        self.ema.load_state_dict(self.model.state_dict())
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-        self.step = 0
-        if checkpoint is not None:
-            self.model.load_state_dict(checkpoint["model"])
-            self.ema.load_state_dict(checkpoint["ema"])
-            self.opt.load_state_dict(checkpoint["opt"])
-            self.step = checkpoint["step"]
-            states = checkpoint["rng"]
-            set_rng_state(states[rank] if len(states) == world else states[0])
-        objective = Objective(self.model, Diffusion())
-        self.objective = DistributedDataParallel(objective) if world > 1 else objective
-
-        micro = tc["global_batch"] // (world * tc["grad_accum"])
-        sampler = ResumableSampler(len(train_set), tc["global_batch"], tc["seed"], rank, world,
-                                   start=self.step * tc["global_batch"])
-        self.batches = iter(DataLoader(SeededDataset(train_set), batch_size=micro, sampler=sampler,
-                                       num_workers=cfg["data"]["workers"], pin_memory=device.type == "cuda",
-                                       generator=torch.Generator(), persistent_workers=False))
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=device.type == "cuda" and tc["mixed_precision"] == "bf16")
-        self.log = Log(self.out, self.step) if rank == 0 else None
-        if rank == 0:
-            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-            (self.out / "samples").mkdir(exist_ok=True)
-        self.sums = LossSums(device)
-
-    # --------------------------------------------------------------------------------------------- loop
-
-    def loop(self):
-        tc = self.tc
-        bar = tqdm(total=tc["max_steps"], initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        try:
-            while self.step < tc["max_steps"]:
-                self.train_step()
-                self.step += 1
-                bar.update(1)
-                if self.step % tc["log_every"] == 0 or self.step == tc["max_steps"]:
-                    self.write_log(bar)
-                if self.step % tc["ckpt_every"] == 0 or self.step == tc["max_steps"]:
-                    self.save()
-                if self.rank == 0 and tc["sample_every"] and self.step % tc["sample_every"] == 0:
-                    self.write_samples()
-        except KeyboardInterrupt:
-            self.save()
-            if self.rank == 0:
-                print(f"\ninterrupted: saved the checkpoint of step {self.step} in {self.out / 'checkpoints'}",
-                      file=sys.stderr)
-            raise SystemExit(130)
-        finally:
-            bar.close()
-            if self.log is not None:
-                self.log.close()
-
-    def train_step(self):
-        """One optimizer step over grad_accum micro-batches, with no host-device synchronisation."""
-        tc = self.tc
-        self.opt.zero_grad(set_to_none=True)
-        for micro_step in range(tc["grad_accum"]):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()
-                     if torch.is_tensor(v)}
-            features = batch if "pose" in batch else \
-                self.encoders.features(batch["target"], batch["source"], batch["target_skeleton"])
-            inputs = step_inputs(features, self.encoders.first_stage)
-            sync = self.world == 1 or micro_step == tc["grad_accum"] - 1
-            with (contextlib.nullcontext() if sync else self.objective.no_sync()), self.autocast:
-                terms = self.objective(*inputs)
-            (terms["total"] / tc["grad_accum"]).backward()
-            self.sums.add(terms, 1 / tc["grad_accum"], self.step + 1)
-        if tc["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc["grad_clip"])
-        self.opt.step()
-        update_ema(self.ema, self.model, tc["ema"])
-
-    # ----------------------------------------------------------------------------------------- log, save
-
-    def check_finite(self):
-        """Stop, naming the first step whose loss was not finite, before anything logs or saves it."""
-        bad = self.sums.first_bad_step(self.world)
-        if bad is not None:
-            last = newest_checkpoint(self.out)
-            raise FloatingPointError(f"non-finite loss at step {bad}; stopping. The last good checkpoint is "
-                                     f"{last or 'none (no checkpoint written yet)'}")
-
-    def write_log(self, bar):
-        self.check_finite()
-        means, rate = self.sums.take(self.world)
-        if self.log is not None:
-            self.log.write(self.step, means, self.opt.param_groups[0]["lr"], rate)
-            bar.set_postfix(loss=f"{means['total']:.4f}")
-
-    def save(self):
-        self.check_finite()
-        states = [rng_state()]
-        if self.world > 1:
-            states = [None] * self.world
-            dist.all_gather_object(states, rng_state())
-        if self.rank == 0:
-            contents = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                        "step": self.step, "model_config": asdict(self.model.config), "run_config": self.cfg,
-                        "rng": states}
-            with atomic_path(self.out / "checkpoints" / f"{self.step:07d}.pt") as staged:
-                torch.save(contents, staged)
-
-    @torch.no_grad()
-    def write_samples(self):
-        """source | target | skeleton | generated (EMA weights), one row per sample pair, in [0, 1]."""
-        from torchvision.utils import make_grid, save_image
-        s, cfg = self.samples, self.cfg["sample"]
-        pipe = Pipeline(self.ema, self.encoders, self.cfg["data"]["size"], cfg, self.device)
-        generated = pipe.sample(s["inputs"])
-        columns = [s["source"], s["target"], s["target_skeleton"] * 2 - 1, generated]
-        grid = make_grid(((torch.stack(columns, dim=1).flatten(0, 1) + 1) / 2).clamp(0, 1), nrow=len(columns))
-        save_image(grid, self.out / "samples" / f"{self.step:07d}.png")
-        self.log.tensorboard.add_image("samples", grid, self.step)
-
+# -------------------------------------------------------------------------------------------------- log
 
 class LossSums:
     """The loss terms summed on the device between log rows, and the first step whose total was not finite,
@@ -291,18 +267,22 @@ class LossSums:
         self.tic = time.time()
 
     def add(self, terms, weight, step):
+        """Add a micro-batch's terms, weighted (1 / grad_accum), and note `step` if its total is not finite."""
         for name, value in terms.items():
             self.sums[name] = self.sums.get(name, 0) + value.detach().double() * weight
         bad = ~torch.isfinite(terms["total"].detach())
         self.first_bad = torch.where(bad, self.first_bad.clamp(max=step), self.first_bad)
         self.count += weight
 
-    def first_bad_step(self, world):
+    def check_finite(self, world, out):
+        """Stop, naming the first step whose loss was not finite, before anything logs or saves it."""
         first = self.first_bad.clone()
         if world > 1:
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        first = first.item()
-        return None if first == np.iinfo(np.int64).max else first
+        if first.item() != np.iinfo(np.int64).max:
+            last = newest_checkpoint(out)
+            raise FloatingPointError(f"non-finite loss at step {first.item()}; stopping. The last good checkpoint "
+                                     f"is {last or 'none (no checkpoint written yet)'}")
 
     def take(self, world):
         """(mean of each term over the steps since the last call and over the processes, steps per second)."""
@@ -318,35 +298,41 @@ class LossSums:
 
 
 class Log:
-    """log.csv (LOG_COLUMNS; on resume, rows after the resumed step are dropped) and TensorBoard events."""
+    """log.csv (the step, the objective's terms, lr, steps/s; on resume, rows after the resumed step are dropped)
+    and TensorBoard events."""
 
-    def __init__(self, out, resume_step):
+    def __init__(self, out, terms, resume_step):
         from torch.utils.tensorboard import SummaryWriter
         self.path = Path(out) / "log.csv"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns = ["step", *terms, "lr", "steps_per_s"]
+        for folder in ("checkpoints", "samples"):
+            (Path(out) / folder).mkdir(parents=True, exist_ok=True)
         rows = []
         if resume_step and self.path.is_file():
             with open(self.path) as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, LOG_COLUMNS)
+            writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(rows)
         self.tensorboard = SummaryWriter(Path(out) / "tensorboard")
 
     def write(self, step, means, lr, rate):
-        row = {"step": step, **{name: means.get(name, "") for name in LOSSES}, "lr": lr, "steps_per_s": rate}
+        """Append a row to log.csv and its scalars to TensorBoard."""
+        row = {"step": step, **means, "lr": lr, "steps_per_s": rate}
         with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+            csv.DictWriter(f, self.columns).writerow(row)
         for key, value in row.items():
-            if key != "step" and value != "":
+            if key != "step":
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
 
     def close(self):
+        """Flush and close the TensorBoard events."""
         self.tensorboard.close()
 
 
 def parse_args(argv=None):
+    """The command line, with the flags that stand for train.* keys turned into overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
     parser.add_argument("--out", required=True, help="run directory: log.csv, tensorboard/, samples/, checkpoints/")
@@ -357,17 +343,21 @@ def parse_args(argv=None):
                         help="save a grid of EMA samples on fixed test pairs every N steps; 0 = never")
     parser.add_argument("--seed", type=int, help="seed of the data order, augmentation and noise (train.seed)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error in the input (a file, a key), not one line")
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.lr=5e-5 model.mask_ratio=0.5")
     args = parser.parse_args(argv)
     flags = {"max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "log_every": args.log_every,
              "sample_every": args.sample_every, "seed": args.seed}
-    overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
-    return args, load_config(args.config, overrides)
+    args.overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+    return args
 
 
 def main(argv=None):
-    args, cfg = parse_args(argv)
-    train(cfg, args.out, args.resume)
+    """Train as the command line says; a user error ends in one line and exit status 2."""
+    args = parse_args(argv)
+    with reported("train_xmdpt.py", args.debug):
+        train(load_config(args.config, args.overrides), args.out, args.resume)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A config may start from another: `base: xmdpt_s.yaml` (relative to the file) is 
 own sections are merged over it, key by key.
 
 The `model:` section is an XMDPTConfig: `preset` names one of XMDPT_CONFIGS, and every other key is one of
-its fields. The DINOv2 widths (pose_dim, image_dim) follow from the `encoders:` section.
+its fields. The fields that follow from other sections are derived, and a model section that states them
+otherwise is refused: the DINOv2 widths (pose_dim, image_dim) from `encoders:`, and the latent grid
+(input_size, in_channels) from `data.size` through the first stage.
 """
 import copy
 import re
@@ -12,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import yaml
+
+from data.errors import InputError, MissingFileError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -36,9 +40,12 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9
 
 def _parse_override(item):
     if "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value")
+        raise InputError(f"override {item!r} must look like section.key=value")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.load(value, _Loader)
+    try:
+        return key.strip().split("."), yaml.load(value, _Loader)
+    except yaml.YAMLError as e:
+        raise InputError(f"override {item!r}: the value is not valid YAML ({e})") from None
 
 
 def _merge(base, over):
@@ -52,9 +59,14 @@ def read_yaml(path):
     """A config file with its `base` chain resolved."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    with open(path) as f:
-        cfg = yaml.load(f, _Loader) or {}
+        raise MissingFileError(f"config not found: {path}")
+    try:
+        with open(path) as f:
+            cfg = yaml.load(f, _Loader) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path} must hold sections (a YAML mapping), got {type(cfg).__name__}")
     if "base" in cfg:
         cfg = _merge(read_yaml(path.parent / cfg.pop("base")), cfg)
     return cfg
@@ -68,10 +80,10 @@ def load_config(path, overrides=()):
         node = cfg
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
-                raise ValueError(f"override {item!r}: {'.'.join(keys[:-1])} is not a section of {path}")
+                raise InputError(f"override {item!r}: {'.'.join(keys[:-1])} is not a section of {path}")
             node = node[k]
         if keys[0] != "model" and keys[-1] not in node and len(keys) == 2:
-            raise ValueError(f"override {item!r}: unknown key {keys[-1]!r} in section {keys[0]!r}")
+            raise InputError(f"override {item!r}: unknown key {keys[-1]!r} in section {keys[0]!r}")
         node[keys[-1]] = value
     check_config(cfg, path)
     return cfg
@@ -81,33 +93,42 @@ def check_config(cfg, source="config"):
     """Every section and key of SCHEMA is there, and the model section makes a valid XMDPTConfig."""
     for section, keys in SCHEMA.items():
         if not isinstance(cfg.get(section), dict):
-            raise ValueError(f"{source}: missing section {section!r}")
+            raise InputError(f"{source}: missing section {section!r}")
         missing = sorted(keys - set(cfg[section]))
         if missing:
-            raise ValueError(f"{source}: missing keys in section {section!r}: {', '.join(missing)}")
+            raise InputError(f"{source}: missing keys in section {section!r}: {', '.join(missing)}")
     try:
         model_config(cfg)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise InputError(f"{source}: {e}") from None
 
 
 def model_config(cfg):
-    """The XMDPTConfig of a config: its preset, with the model section's fields and the encoders' DINOv2 widths.
-    Nothing is built, so a checkpoint can be checked against it before any encoder is."""
+    """The XMDPTConfig of a config: its preset, with the model section's fields and the fields derived from the
+    encoders and the image size. Nothing is built, so a checkpoint can be checked against it before any encoder
+    is."""
     from models import XMDPT_CONFIGS, XMDPTConfig
-    from models.encoders import dinov2_width
+    from models.encoders import dinov2_width, first_stage_geometry
     fields = dict(cfg["model"])
     preset = fields.pop("preset")
     if preset not in XMDPT_CONFIGS:
-        raise ValueError(f"model.preset {preset!r} is not one of {sorted(XMDPT_CONFIGS)}")
+        raise InputError(f"model.preset {preset!r} is not one of {sorted(XMDPT_CONFIGS)}")
     unknown = sorted(set(fields) - set(XMDPTConfig.__dataclass_fields__))
     if unknown:
-        raise ValueError(f"unknown model keys {unknown}; expected 'preset' or fields of XMDPTConfig: "
+        raise InputError(f"unknown model keys {unknown}; expected 'preset' or fields of XMDPTConfig: "
                          f"{', '.join(XMDPTConfig.__dataclass_fields__)}")
-    for field, encoder in (("pose_dim", "pose"), ("image_dim", "image")):
-        variant = cfg["encoders"][encoder]["dinov2"]
-        width = dinov2_width(variant)
-        if fields.setdefault(field, width) != width:
-            raise ValueError(f"model.{field} {fields[field]} does not match encoders.{encoder}.dinov2 {variant} "
-                             f"(width {width})")
+    size, first_stage = cfg["data"]["size"], cfg["encoders"]["first_stage"]
+    downsample, channels = first_stage_geometry(first_stage)
+    if size % downsample:
+        raise InputError(f"data.size {size} is not a multiple of {downsample}, the downsampling of "
+                         f"encoders.first_stage ({first_stage['type']})")
+    stage = f"data.size {size} through encoders.first_stage ({first_stage['type']}: {downsample}x down, {channels} channels)"
+    pose, image = cfg["encoders"]["pose"]["dinov2"], cfg["encoders"]["image"]["dinov2"]
+    derived = {"pose_dim": (dinov2_width(pose), f"encoders.pose.dinov2 {pose}"),
+               "image_dim": (dinov2_width(image), f"encoders.image.dinov2 {image}"),
+               "input_size": (size // downsample, stage), "in_channels": (channels, stage)}
+    for field, (value, source) in derived.items():
+        if fields.setdefault(field, value) != value:
+            raise InputError(f"model.{field} {fields[field]} does not match {source}, which gives {value}; leave "
+                             f"model.{field} out")
     return replace(XMDPT_CONFIGS[preset], **fields)

@@ -10,12 +10,14 @@ import json
 from safetensors.torch import load as load_bytes
 from torch.utils.data import Dataset
 
+from data.errors import InputError
 from data.lmdb import LMDBReader
 
 META_KEY = "__meta__"
 
 
 def cache_key(path, flip):
+    """The cache's key of an image path, flipped or not."""
     return f"{path}|{int(bool(flip))}"
 
 
@@ -31,7 +33,7 @@ class FeatureCache:
         self.lmdb = LMDBReader(path, "feature cache", hint="make it with python -m scripts.cache_features")
         meta = json.loads(self.lmdb.get(META_KEY))
         if signature is not None and meta["signature"] != signature:
-            raise ValueError(f"feature cache {path} was made for {meta['signature']}, "
+            raise InputError(f"feature cache {path} was made for {meta['signature']}, "
                              f"but this run uses {signature}; rebuild it with python -m scripts.cache_features")
 
     def get(self, path, flip):
@@ -45,7 +47,7 @@ class CachedPairs(Dataset):
 
     def __init__(self, pairs, cache):
         if pairs.augment and pairs.scale_jitter > 0:
-            raise ValueError("a feature cache cannot hold scale-jittered images: set data.scale_jitter=0")
+            raise InputError("a feature cache cannot hold scale-jittered images: set data.scale_jitter=0")
         self.pairs, self.cache = pairs, cache
 
     def __len__(self):

@@ -23,31 +23,36 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from data.errors import InputError, MissingFileError
+from data.images import to_tensor
 from data.lmdb import LMDBReader, LMDBWriter
 from data.pose import FLIP_JOINTS, MISSING, draw_skeleton, load_keypoints, to_image_coords
-from eval.images import flat_name, image_key, pair_name
+from eval.images import image_key, pair_name
 
 
-def pose_file(root, path):
+def pose_path(root, image_path):
     """The keypoint file of an image path, as in the released code: img/A/B.jpg -> {root}/pose/A/B.txt."""
-    return Path(root) / "pose" / Path(path.removeprefix("img/")).with_suffix(".txt")
+    return Path(root) / "pose" / Path(image_path.removeprefix("img/")).with_suffix(".txt")
 
 
 def read_pairs(path):
     """The (target, [sources]) pairs of a pair file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pair file not found: {path}")
+        raise MissingFileError(
+            f"pair file not found: {path}. Put DeepFashion in {path.parent} as PIDM prepared it (README: Weights "
+            f"and data), then make its LMDBs with python -m scripts.prepare_deepfashion --root {path.parent}; "
+            f"or make a synthetic set of that layout there with python -m scripts.make_synthetic --root {path.parent}")
     pairs = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         names = [name.strip() for name in line.split(",")]
         if len(names) < 2 or not all(names):
-            raise ValueError(f"{path}:{n}: expected 'target,source1[,source2...]', got {line!r}")
+            raise InputError(f"{path}:{n}: expected 'target,source1[,source2...]', got {line!r}")
         pairs.append((names[0], names[1:]))
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise InputError(f"{path}: no pairs")
     return pairs
 
 
@@ -58,16 +63,10 @@ def decode_image(data, name, size=None):
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{name} is not a readable image ({e})") from None
+        raise InputError(f"{name} is not a readable image ({e})") from None
     if size is not None and image.size != (size, size):
-        raise ValueError(f"{name} is {image.size[0]}x{image.size[1]}, expected {size}x{size}")
+        raise InputError(f"{name} is {image.size[0]}x{image.size[1]}, expected {size}x{size}")
     return image.convert("RGB")
-
-
-def to_tensor(image):
-    """An RGB image (PIL, or a uint8 (H, W, 3) array) as a float (3, H, W) tensor in [-1, 1] (ToTensor then
-    Normalize(0.5, 0.5))."""
-    return (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
 
 
 class PairDataset(Dataset):
@@ -90,9 +89,9 @@ class PairDataset(Dataset):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if not isinstance(size, int) or size <= 0:
-            raise ValueError(f"size must be a positive int, got {size!r}")
+            raise InputError(f"size must be a positive int, got {size!r}")
         if not 0 <= scale_jitter < 1:
-            raise ValueError(f"scale_jitter must be in [0, 1), got {scale_jitter!r}")
+            raise InputError(f"scale_jitter must be in [0, 1), got {scale_jitter!r}")
         self.root = Path(root)
         self.size = size
         self.split = split
@@ -116,11 +115,7 @@ class PairDataset(Dataset):
 
     def load_keypoints(self, path):
         """The keypoints of `path` from its pose file, in the DeepFashion convention."""
-        return load_keypoints(pose_file(self.root, path))
-
-    def load_pose(self, path):
-        """The skeleton of `path` as a float (3, S, S) tensor in [0, 1], not augmented."""
-        return self.skeleton(path)
+        return load_keypoints(pose_path(self.root, path))
 
     def skeleton(self, path, flip=False, frame=None):
         """The skeleton of `path`, drawn in the crop `frame` of `_view` (default: none) and mirrored if
@@ -216,7 +211,7 @@ def resized_pngs(path, root, sizes):
         with Image.open(Path(root) / path) as image:
             image = image.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {Path(root) / path}: {e}") from None
+        raise InputError(f"cannot read image {Path(root) / path}: {e}") from None
     pngs = []
     for size in sizes:
         buffer = io.BytesIO()
@@ -234,14 +229,14 @@ def prepare_lmdbs(root, sizes=(256,), out=None, workers=1, overwrite=False, prog
     out = Path(out) if out is not None else root
     sizes = sorted(set(sizes))
     if not sizes or any(size <= 0 for size in sizes):
-        raise ValueError(f"sizes must be positive ints, got {sizes}")
+        raise InputError(f"sizes must be positive ints, got {sizes}")
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise InputError(f"workers must be at least 1, got {workers}")
     paths = pair_images(root)
     missing = [path for path in paths if not (root / path).is_file()]
     if missing:
         shown = "\n  ".join(missing[:20]) + ("\n  ..." if len(missing) > 20 else "")
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images of the pair files are missing "
+        raise MissingFileError(f"{len(missing)} of {len(paths)} images of the pair files are missing "
                                 f"under {root}:\n  {shown}")
     resize = partial(resized_pngs, root=root, sizes=sizes)
     with ExitStack() as stack:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lmdb
 
+from data.errors import MissingEntryError, MissingFileError, OutputExistsError
 from data.files import discard, publish, staging_path
 
 MAP_SIZE = 1 << 40  # address space a writer reserves; the file only grows as needed
@@ -19,6 +20,7 @@ _ENVIRONMENTS = {}  # (device, inode) of data.mdb -> the read-only environment o
 
 
 def _environment(path):
+    """This process's read-only environment of the LMDB folder `path`, opened on first use."""
     stat = (Path(path) / "data.mdb").stat()
     key = (stat.st_dev, stat.st_ino)
     if key not in _ENVIRONMENTS:
@@ -32,7 +34,7 @@ class LMDBReader:
     def __init__(self, path, what="LMDB", hint=""):
         self.path, self.what = Path(path), what
         if not (self.path / "data.mdb").is_file():
-            raise FileNotFoundError(f"{what} not found: {self.path} (expected {self.path / 'data.mdb'})"
+            raise MissingFileError(f"{what} not found: {self.path} (expected {self.path / 'data.mdb'})"
                                     + (f"; {hint}" if hint else ""))
 
     def get(self, key):
@@ -41,7 +43,7 @@ class LMDBReader:
         with _environment(self.path).begin() as txn:
             value = txn.get(raw)
         if value is None:
-            raise KeyError(f"{self.what} {self.path} has no entry {raw.decode('utf-8', 'replace')!r}")
+            raise MissingEntryError(f"{self.what} {self.path} has no entry {raw.decode('utf-8', 'replace')!r}")
         return value
 
     def keys(self):
@@ -62,7 +64,7 @@ class LMDBWriter:
     def __init__(self, path, overwrite=False, commit_every=1000):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists (pass overwrite=True / --overwrite to replace it)")
+            raise OutputExistsError(f"{self.path} exists (pass overwrite=True / --overwrite to replace it)")
         self.staged = staging_path(self.path)
         discard(self.staged)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,7 @@ class LMDBWriter:
         self.commit_every, self.pending = commit_every, 0
 
     def put(self, key, value):
+        """Store `value` (bytes) under `key` (str or bytes), committing every `commit_every` records."""
         self.txn.put(key.encode("utf-8") if isinstance(key, str) else key, value)
         self.pending += 1
         if self.pending == self.commit_every:
@@ -79,11 +82,13 @@ class LMDBWriter:
             self.pending = 0
 
     def close(self):
+        """Commit, close, and rename the finished LMDB into place."""
         self.txn.commit()
         self.env.close()
         publish(self.staged, self.path)
 
     def abort(self):
+        """Drop what was written and remove the partial LMDB."""
         self.txn.abort()
         self.env.close()
         discard(self.staged)

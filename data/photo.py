@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.deepfashion import to_tensor
+from data.errors import InputError, MissingFileError, MissingPackageError
+from data.images import to_tensor
 from data.pose import MISSING, NUM_JOINTS, RAW_HEIGHT, RAW_WIDTH, from_image_coords, require_joints
 
 WHITE = (255, 255, 255)
@@ -76,7 +77,7 @@ def read_photo(path):
     """A photo file as an RGB uint8 array (H, W, 3), upright (EXIF rotation applied), transparency on white."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"photo not found: {path}")
+        raise MissingFileError(f"photo not found: {path}")
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -85,7 +86,7 @@ def read_photo(path):
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba)
             return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read photo {path}: {e}") from None
+        raise InputError(f"cannot read photo {path}: {e}") from None
 
 
 def _check_rgb(rgb):
@@ -122,7 +123,7 @@ def fit_photo(rgb, size=256, crop=None):
     left, top, right, bottom = crop or (0, 0, rgb.shape[1], rgb.shape[0])
     region = rgb[top:bottom, left:right]
     if region.size == 0:
-        raise ValueError(f"crop {crop} is empty for a photo of {rgb.shape[1]}x{rgb.shape[0]}")
+        raise InputError(f"crop {crop} is empty for a photo of {rgb.shape[1]}x{rgb.shape[0]}")
     fit = _plan_fit((left, top, right, bottom), size)
     canvas = Image.new("RGB", (fit.canvas_width, fit.canvas_height), WHITE)
     canvas.paste(Image.fromarray(np.ascontiguousarray(region)), (fit.left, fit.top))
@@ -194,9 +195,9 @@ def _pose_solution():
             import mediapipe
             from google import protobuf
     except ImportError as e:
-        raise ImportError(f"finding the person in a photo needs MediaPipe ({e}): {INSTALL_HINT}") from e
+        raise MissingPackageError(f"finding the person in a photo needs MediaPipe ({e}): {INSTALL_HINT}") from e
     if not hasattr(mediapipe, "solutions") or int(protobuf.__version__.split(".")[0]) >= 5:
-        raise ImportError(f"found mediapipe {mediapipe.__version__} with protobuf {protobuf.__version__}; "
+        raise MissingPackageError(f"found mediapipe {mediapipe.__version__} with protobuf {protobuf.__version__}; "
                           f"the Pose solution needs mediapipe 0.10.14 with protobuf<5: {INSTALL_HINT}")
     return mediapipe.solutions.pose
 
@@ -219,7 +220,7 @@ def detect_person(rgb, name="photo", min_visibility=0.5, min_joints=0):
     MediaPipe finds no person, or fewer than `min_joints` of the 18 joints at `min_visibility` or above inside
     the photo."""
     _check_rgb(rgb)
-    no_person = ValueError(f"{name}: no person found (MediaPipe Pose); the photo must show a person")
+    no_person = InputError(f"{name}: no person found (MediaPipe Pose); the photo must show a person")
     found = _detect(rgb)
     if found is None:
         raise no_person
@@ -239,7 +240,7 @@ def frame_photo(rgb, size=256, name="photo", framing="person", min_joints=0, min
     """A `FramedPhoto` of the person in an RGB uint8 photo: framed around them ("person") or the whole photo
     ("whole"), with their keypoints. The photo must show a person with at least `min_joints` joints."""
     if framing not in FRAMINGS:
-        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        raise InputError(f"framing must be one of {FRAMINGS}, got {framing!r}")
     detection = detect_person(rgb, name, min_visibility, min_joints)
     crop = person_crop(detection.box, *rgb.shape[:2]) if framing == "person" else None
     image, fit = fit_photo(rgb, size, crop)

@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 import torch
 
+from data.errors import InputError, MissingEntryError, MissingFileError
+
 NUM_JOINTS = 18
 MISSING = -1.0
 
@@ -52,7 +54,7 @@ def load_keypoints(path, min_confidence=0.1):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"keypoint file not found: {path}")
+        raise MissingFileError(f"keypoint file not found: {path}")
     if path.suffix.lower() == ".json":
         return _load_openpose_json(path, min_confidence)
     return _load_deepfashion_txt(path)
@@ -61,16 +63,16 @@ def load_keypoints(path, min_confidence=0.1):
 def _load_deepfashion_txt(path):
     lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     if len(lines) != NUM_JOINTS:
-        raise ValueError(f"{path}: expected {NUM_JOINTS} lines 'x y', got {len(lines)}")
+        raise InputError(f"{path}: expected {NUM_JOINTS} lines 'x y', got {len(lines)}")
     keypoints = np.empty((NUM_JOINTS, 2), dtype=np.float32)
     for joint, (n, line) in enumerate(lines):
         try:
             x, y = (float(v) for v in line.split())
         except ValueError:
-            raise ValueError(f"{path}: line {n} must be two numbers 'x y', got {line.strip()!r}") from None
+            raise InputError(f"{path}: line {n} must be two numbers 'x y', got {line.strip()!r}") from None
         keypoints[joint] = x, y
     if not np.isfinite(keypoints).all():
-        raise ValueError(f"{path}: keypoints must be finite numbers, got NaN or inf")
+        raise InputError(f"{path}: keypoints must be finite numbers, got NaN or inf")
     keypoints[(keypoints == MISSING).any(axis=1)] = MISSING
     return keypoints
 
@@ -80,22 +82,22 @@ def _load_openpose_json(path, min_confidence):
         people = json.loads(path.read_text())["people"]
         values = people[0]["pose_keypoints_2d"]
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     except (KeyError, IndexError, TypeError):
-        raise KeyError(f"{path}: expected OpenPose JSON with people[0].pose_keypoints_2d") from None
+        raise MissingEntryError(f"{path}: expected OpenPose JSON with people[0].pose_keypoints_2d") from None
     try:
         values = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: pose_keypoints_2d must be a list of numbers") from None
+        raise InputError(f"{path}: pose_keypoints_2d must be a list of numbers") from None
     if values.shape == (25 * 3,):
         joints = values.reshape(25, 3)[BODY25_TO_COCO18]
     elif values.shape == (NUM_JOINTS * 3,):
         joints = values.reshape(NUM_JOINTS, 3)
     else:
-        raise ValueError(f"{path}: pose_keypoints_2d must hold 54 (COCO-18) or 75 (BODY_25) values, "
+        raise InputError(f"{path}: pose_keypoints_2d must hold 54 (COCO-18) or 75 (BODY_25) values, "
                          f"got {values.size}")
     if not np.isfinite(joints).all():
-        raise ValueError(f"{path}: keypoints must be finite numbers, got NaN or inf")
+        raise InputError(f"{path}: keypoints must be finite numbers, got NaN or inf")
     keypoints = joints[:, :2].astype(np.float32)
     keypoints[joints[:, 2] < min_confidence] = MISSING
     return keypoints
@@ -110,7 +112,7 @@ def require_joints(keypoints, name, minimum, where=""):
     """ValueError naming `name` unless at least `minimum` joints are present."""
     found = visible_joints(keypoints)
     if found < minimum:
-        raise ValueError(f"{name}: only {found} of {NUM_JOINTS} joints found{' ' + where if where else ''}; "
+        raise InputError(f"{name}: only {found} of {NUM_JOINTS} joints found{' ' + where if where else ''}; "
                          f"a pose needs at least {minimum}")
 
 

@@ -9,6 +9,12 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
+def item_seed(seed, position):
+    """The seed of the item at `position` (of the training order, or of the test pairs) in a run seeded `seed`.
+    Training's augmentations and inference's noise both draw from it, so neither depends on batching."""
+    return seed * 1_000_003 + position
+
+
 class ResumableSampler(Sampler):
     """Yields (index, item_seed) forever, starting at global position `start` (samples already consumed)."""
 
@@ -28,7 +34,7 @@ class ResumableSampler(Sampler):
                     if position // self.size != epoch:
                         epoch = position // self.size
                         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-                    yield int(order[position % self.size]), self.seed * 1_000_003 + position
+                    yield int(order[position % self.size]), item_seed(self.seed, position)
                 position += 1
 
     def __len__(self):

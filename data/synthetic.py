@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.deepfashion import pose_file
+from data.deepfashion import pose_path
+from data.errors import InputError, OutputExistsError
 from data.lmdb import LMDBWriter
 from data.pose import MISSING, NUM_JOINTS, RAW_HEIGHT, RAW_WIDTH, from_image_coords
 from eval.images import flat_name, image_key
@@ -425,15 +426,15 @@ def make_synthetic(root, num_identities=100, poses_per_identity=5, size=64, seed
     """
     sizes = [size] if isinstance(size, int) else list(size)
     if not sizes or any(not isinstance(s, int) or s < 16 for s in sizes):
-        raise ValueError(f"size must be an int >= 16 or a list of them, got {size!r}")
+        raise InputError(f"size must be an int >= 16 or a list of them, got {size!r}")
     if num_identities < 2 or poses_per_identity < 2:
-        raise ValueError(f"need at least 2 identities and 2 poses per identity, got {num_identities} "
+        raise InputError(f"need at least 2 identities and 2 poses per identity, got {num_identities} "
                          f"and {poses_per_identity}")
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}")
     root = Path(root)
     if (root / "train_pairs.txt").exists() and not overwrite:
-        raise FileExistsError(f"{root} already holds a dataset (pass overwrite=True / --overwrite)")
+        raise OutputExistsError(f"{root} already holds a dataset (pass overwrite=True / --overwrite)")
     shutil.rmtree(root / "pose" / "SYNTH", ignore_errors=True)
     *identity_seeds, split_seed = np.random.SeedSequence(seed).spawn(num_identities + 1)
     num_test = min(num_identities - 1, max(1, round(test_fraction * num_identities)))
@@ -449,9 +450,9 @@ def make_synthetic(root, num_identities=100, poses_per_identity=5, size=64, seed
                 number, view = VIEWS[pose % len(VIEWS)]
                 path = f"img/SYNTH/Figures/id_{identity:08d}/{pose // len(VIEWS) + 1:02d}_{number}_{view}.jpg"
                 shot = random_shot(rng, look, view)
-                pose_path = pose_file(root, path)
-                pose_path.parent.mkdir(parents=True, exist_ok=True)
-                pose_path.write_text(keypoint_lines(shot))
+                keypoint_file = pose_path(root, path)
+                keypoint_file.parent.mkdir(parents=True, exist_ok=True)
+                keypoint_file.write_text(keypoint_lines(shot))
                 for writer, s in zip(writers, sizes):
                     _, png = cv2.imencode(".png", render(look, shot, s)[:, :, ::-1])
                     writer.put(image_key(path), png.tobytes())

@@ -23,13 +23,13 @@ from tqdm import tqdm
 if __package__:  # imported (eval.fid_ssim_lpips), or run as python -m eval.fid_ssim_lpips
     from .images import ImageFiles, pair_files, read_rgb, real_images
     from .metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
-                          build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance,
-                          lpips_input, network_fingerprint, paired_scores)
+                          build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance, lpips_input,
+                          network_fingerprint, paired_scores)
 else:  # run by its path, python eval/fid_ssim_lpips.py: this folder is the first on the module path
     from images import ImageFiles, pair_files, read_rgb, real_images
     from metrics import (ALEXNET_FILE, INCEPTION_FILE, SSIM_DEFINITIONS, InceptionFeatures, build_inception,
-                         build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance,
-                         lpips_input, network_fingerprint, paired_scores)
+                         build_lpips, feature_statistics, fid_input, frechet_distance, lpips_distance, lpips_input,
+                         network_fingerprint, paired_scores)
 
 STATS_VERSION = "fid-v2"  # bump when the FID pipeline or the cache key changes, so old caches are not reused
 PROTOCOL_NAMES = {"pidm": "PIDM/GFLA", "cfld": "CFLD"}

@@ -2,8 +2,8 @@
 
 Each pair is written as <out>/generated/{name}.png, with its ground truth <out>/target/{name}.png and source
 <out>/source/{name}.png under the same name ({source}_2_{target}_vis, see eval/fid_ssim_lpips.py), plus
-<out>/grids/{name}.png (source | target | skeleton | generated). Pair i's noise comes from the seed
-seed * 1_000_003 + i, so an image depends on neither the batch size nor the order of generation.
+<out>/grids/{name}.png (source | target | skeleton | generated). Pair i's noise comes from item_seed(seed, i)
+(data/sampler.py), so an image depends on neither the batch size nor the order of generation.
 """
 from pathlib import Path
 
@@ -13,30 +13,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.deepfashion import PairDataset
-from data.files import atomic_path
+from data.images import grid_row, save_png
+from data.sampler import item_seed
 
 KINDS = ("generated", "target", "source")
-
-
-def pair_seed(seed, index):
-    return seed * 1_000_003 + index
-
-
-def to_uint8(x):
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def save_png(x, path):
-    """An image (3, H, W) in [-1, 1] as a PNG file, written atomically (data/files.py): an interrupted run never
-    leaves a half-written image that a resumed run would take as done."""
-    with atomic_path(path) as staged:
-        Image.fromarray(to_uint8(x)).save(staged, format="PNG")
-
-
-def grid_row(*images):
-    """Images (3, H, W) in [-1, 1] side by side (pass skeletons, in [0, 1], as 2s - 1)."""
-    return torch.cat([image.cpu() for image in images], dim=-1)
 
 
 def generate_pairs(pipe, data_root, out, batch_size=16, seed=0, limit=None, overwrite=False, grids=True, rank=0,
@@ -64,7 +44,7 @@ def generate_pairs(pipe, data_root, out, batch_size=16, seed=0, limit=None, over
     for batch in tqdm(batches, desc="pairs", unit="batch", disable=rank != 0):
         items = [pairs[i] for i in batch]
         stack = lambda k: torch.stack([it[k] for it in items])
-        images = pipe(stack("source"), skeletons=stack("target_skeleton"), seeds=[pair_seed(seed, i) for i in batch],
+        images = pipe(stack("source"), skeletons=stack("target_skeleton"), seeds=[item_seed(seed, i) for i in batch],
                       **settings)
         for item, image in zip(items, images):
             name = item["name"]

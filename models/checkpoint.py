@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from data.errors import InputError, MissingFileError
 from data.files import atomic_path
+
 from .tdnet import RelativePositionBias
 from .xmdpt import TRAINING_ONLY, XMDPT, XMDPTConfig
 
@@ -41,6 +43,7 @@ _RELEASED_RENAMES = [
 
 
 def is_released_state_dict(state_dict):
+    """Whether a state dict has the released code's key names."""
     return "mlp_dino_pose.0.weight" in state_dict or "x_embedder.proj.weight" in state_dict
 
 
@@ -52,7 +55,7 @@ def convert_released_state_dict(state_dict):
             grid = int(round(value.shape[0] ** 0.5))
             expected = RelativePositionBias(grid, 1).index
             if value.shape != expected.shape or not torch.equal(value.long(), expected):
-                raise ValueError(f"released checkpoint: {key} is not the standard relative position index "
+                raise InputError(f"released checkpoint: {key} is not the standard relative position index "
                                  f"for a {grid}x{grid} grid")
             continue
         for pattern, repl in _RELEASED_RENAMES:
@@ -104,7 +107,7 @@ def _load_file(path):
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -117,7 +120,7 @@ def _load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True), None
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        raise InputError(f"cannot read checkpoint {path}: {e}") from e
 
 
 def read_checkpoint(src, use_ema=True):
@@ -126,12 +129,17 @@ def read_checkpoint(src, use_ema=True):
     name = str(src) if isinstance(src, (str, Path)) else "checkpoint"
     data, config = _load_file(src) if isinstance(src, (str, Path)) else (src, None)
     if not isinstance(data, dict):
-        raise ValueError(f"{name}: a checkpoint must be a dict, got {type(data).__name__}")
+        raise InputError(f"{name}: a checkpoint must be a dict, got {type(data).__name__}")
     if "model" in data and "model_config" in data:  # our training checkpoint
         weights = data["ema"] if use_ema else data["model"]
         return Checkpoint(name, dict(weights), XMDPTConfig(**data["model_config"]), data)
     weights = convert_released_state_dict(data) if is_released_state_dict(data) else dict(data)
-    return Checkpoint(name, weights, XMDPTConfig(**config) if config else config_from_state_dict(weights))
+    if not config:
+        return Checkpoint(name, weights, config_from_state_dict(weights))
+    try:
+        return Checkpoint(name, weights, XMDPTConfig(**config))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name}: its config is not an X-MDPT config ({e})") from None
 
 
 def check_fits(config, expected, source, wanted="the config"):
@@ -140,7 +148,7 @@ def check_fits(config, expected, source, wanted="the config"):
     diffs = [f"{k}: {config[k]} in the checkpoint, {expected[k]} in {wanted}" for k in config
              if k not in TRAINING_ONLY and config[k] != expected[k]]
     if diffs:
-        raise ValueError(f"{source} does not fit {wanted}:\n  " + "\n  ".join(diffs))
+        raise InputError(f"{source} does not fit {wanted}:\n  " + "\n  ".join(diffs))
 
 
 def strict_load(model, state_dict, source="checkpoint"):
@@ -156,7 +164,7 @@ def strict_load(model, state_dict, source="checkpoint"):
                              ("shape mismatches", shapes)):
             if items:
                 lines.append(f"{title} ({len(items)}): " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
     return model
 

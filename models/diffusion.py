@@ -2,10 +2,11 @@
 variance, the hybrid MSE + VLB loss, and the DDIM sampler stepping exactly between the kept timesteps.
 
 What the model's first output channels predict travels with it: `prediction_of(model)` reads the model's (or
-its guided denoiser's) `prediction`, "eps" for a plain function. "v" (not in the paper) trains them on
-v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho, 2022) instead of eps, a = alpha_bar_t; everything else reads
-eps = sqrt(a) v + sqrt(1 - a) x_t back from it. Epsilon prediction amplifies its error by 1 / sqrt(a), about
-160x at t = 999, so a small pixel-space model needs far fewer steps with v to draw coherent images.
+its guided denoiser's) `prediction`, and a denoiser that does not say is refused, never taken for eps. "v" (not
+in the paper) trains them on v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho, 2022) instead of eps,
+a = alpha_bar_t; everything else reads eps = sqrt(a) v + sqrt(1 - a) x_t back from it. Epsilon prediction
+amplifies its error by 1 / sqrt(a), about 160x at t = 999, so a small pixel-space model needs far fewer steps
+with v to draw coherent images.
 
 Schedule arrays are float64; each coefficient is taken at t as float32 before use, as ADM does, from a table
 kept on the device (so no step copies the schedule there).
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from data.errors import InputError
+
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
@@ -24,6 +27,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def approx_standard_normal_cdf(x):
+    """The standard normal CDF of x, by the tanh approximation ADM uses."""
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
@@ -40,13 +44,14 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 def mean_flat(x):
+    """The mean of x over every dimension but the first: (N, ...) -> (N,)."""
     return x.mean(dim=list(range(1, x.ndim)))
 
 
 def sampling_timesteps(num_timesteps, steps):
     """The original timesteps a `steps`-step sampler visits: round(k * (T-1)/(steps-1)), k = 0..steps-1."""
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+        raise InputError(f"sampling steps must be in [1, {num_timesteps}], got {steps}")
     stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
     kept, position = [], 0.0
     for _ in range(steps):
@@ -60,14 +65,21 @@ PREDICTIONS = ("eps", "v")
 
 
 def prediction_of(model):
-    """What the first output channels of `model` (an XMDPT, its guided denoiser, or any function) predict."""
-    prediction = getattr(model, "prediction", "eps")
+    """What the first output channels of `model` (an XMDPT, its guided denoiser, or any function with a
+    `prediction` attribute) predict: 'eps' or 'v'. A denoiser that does not say is a TypeError: a v-model
+    sampled as eps would give plausible-looking wrong images."""
+    prediction = getattr(model, "prediction", None)
+    if prediction is None:
+        raise TypeError(f"{model!r} does not say what it predicts: give it a `prediction` attribute, one of "
+                        f"{PREDICTIONS} (XMDPT and its guided denoisers have one)")
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     return prediction
 
 
 class Diffusion:
+    """The 1000-step Gaussian diffusion with linear betas: its schedule (float64 arrays), the training losses
+    and the samplers."""
     def __init__(self, num_timesteps=NUM_TIMESTEPS, beta_start=1e-4, beta_end=0.02):
         self.num_timesteps = num_timesteps
         scale = 1000 / num_timesteps
@@ -95,12 +107,15 @@ class Diffusion:
         return self._tables[key][t].view(-1, *([1] * (x.ndim - 1)))
 
     def sample_timesteps(self, n, device=None, generator=None):
+        """n timesteps drawn uniformly from [0, T), as a long tensor (n,)."""
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
     def q_sample(self, x0, t, noise):
+        """x_t = sqrt(a) x0 + sqrt(1 - a) noise, a = alpha_bar_t: the noisy latents at timesteps t (N,)."""
         return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def predict_x0(self, x_t, t, eps):
+        """The clean latents that x_t and its noise eps imply: (x_t - sqrt(1 - a) eps) / sqrt(a)."""
         return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def eps_from(self, pred, x_t, t, prediction):
@@ -111,6 +126,7 @@ class Diffusion:
         return a * pred + s * x_t
 
     def q_posterior(self, x0, x_t, t):
+        """The mean and clipped log variance of q(x_(t-1) | x_t, x0)."""
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
         return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
 

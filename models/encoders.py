@@ -3,6 +3,7 @@
 Weights only ever come from local files (no downloads). For tests and the demo, every encoder can also be
 built with random weights, through the same classes and code paths.
 """
+import inspect
 from pathlib import Path
 
 import timm
@@ -13,6 +14,8 @@ from diffusers.models import AutoencoderKL
 from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from data.errors import InputError, MissingFileError
+
 # DINOv2 variants: the timm architecture and the width of its tokens.
 DINOV2 = {
     "vits14": ("vit_small_patch14_dinov2", 384),
@@ -22,6 +25,7 @@ DINOV2 = {
 }
 DINOV2_SIZE = 224  # input resolution of the released models: 16x16 patches of 14 pixels
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as the released models were trained with
+SD_VAE_GEOMETRY = (8, 4)  # the SD VAE's downsampling and latent channels
 
 
 def _autocast(x):
@@ -33,10 +37,12 @@ class Frozen(nn.Module):
     """A pretrained network that is never trained: no gradients, and eval mode whatever its parent asks."""
 
     def freeze(self):
+        """No gradients and eval mode; returns self."""
         self.requires_grad_(False)
         return self.eval()
 
     def train(self, mode=True):
+        """Stays in eval mode whatever `mode` says (dropout and the like never run in a frozen network)."""
         return super().train(False)
 
 
@@ -47,7 +53,7 @@ class Frozen(nn.Module):
 def dinov2_width(variant):
     """The token width of a DINOv2 variant (vits14, vitb14, vitl14, vitg14)."""
     if variant not in DINOV2:
-        raise ValueError(f"unknown DINOv2 variant {variant!r}; expected one of {sorted(DINOV2)}")
+        raise InputError(f"unknown DINOv2 variant {variant!r}; expected one of {sorted(DINOV2)}")
     return DINOV2[variant][1]
 
 
@@ -57,9 +63,9 @@ def check_dinov2_weights(variant, weights):
     if weights == "random":
         return
     if weights is None:
-        raise ValueError(f"DINOv2 {variant}: weights must be a local file, or 'random' (tests and demo only)")
+        raise InputError(f"DINOv2 {variant}: weights must be a local file, or 'random' (tests and demo only)")
     if not Path(weights).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"DINOv2 {variant} weights not found: {weights}. Get the original checkpoint from "
             f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{variant}/dinov2_{variant}_pretrain.pth "
             f"(facebookresearch/dinov2), or use timm's {DINOV2[variant][0]}.lvd142m safetensors file."
@@ -174,8 +180,9 @@ class IdentityFirstStage(FirstStage):
 
 
 def check_vae_dir(path):
+    """A MissingFileError naming `path` and where the VAE is published, unless it holds a diffusers config.json."""
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"VAE not found: {path} (a diffusers AutoencoderKL directory with config.json). Get "
             f"stabilityai/sd-vae-ft-mse from the Hugging Face Hub, or the decoder-fine-tuned VAE of the "
             f"X-MDPT release (github.com/trungpx/xmdpt), and save it there."
@@ -239,24 +246,57 @@ class Encoders(nn.Module):
     @torch.no_grad()
     def features(self, target, source, skeleton):
         """What a training step needs of a batch of pairs (N, 3, S, S): the DINOv2 tokens of the target's
-        skeleton and of the source, and the first stage's posterior moments of both images. The feature cache
+        skeleton and of the source, and the first stage's posterior moments of both images. A feature cache
         (data/cache.py) stores the same, so both give one layout."""
         target_mean, target_logvar = self.first_stage.moments(target)
         source_mean, source_logvar = self.first_stage.moments(source)
         return {"pose": self.pose(skeleton), "image": self.image(source), "target_mean": target_mean,
                 "target_logvar": target_logvar, "source_mean": source_mean, "source_logvar": source_logvar}
 
+    @torch.no_grad()
+    def training_inputs(self, batch, cached):
+        """(x0, cond) of a training batch: the target latent and the model's condition (`pose`, `image` tokens
+        and the `source` latent). The batch holds pixels (`target`, `source`, `target_skeleton`), or, when
+        `cached`, a feature cache's entries. Either way a fresh latent of the target, then of the source, is
+        sampled from the posterior moments, as the released models were trained."""
+        f = batch if cached else self.features(batch["target"], batch["source"], batch["target_skeleton"])
+        x0 = self.first_stage.sample_from_moments(f["target_mean"], f["target_logvar"])
+        source = self.first_stage.sample_from_moments(f["source_mean"], f["source_logvar"])
+        return x0, {"pose": f["pose"], "image": f["image"], "source": source}
+
+
+def first_stage_geometry(cfg):
+    """(downsampling, latent channels) of a first stage's config, without building or reading anything: the
+    identity keeps the 3 pixel channels; a VAE is the SD VAE's 8x and 4 channels unless its section says
+    otherwise (`downsample`, `latent_channels`), or its `random` config (tests) says."""
+    if cfg["type"] == "identity":
+        return 1, IdentityFirstStage.latent_channels
+    if cfg["type"] != "vae":
+        raise InputError(f"unknown first stage type {cfg['type']!r}; expected 'vae' or 'identity'")
+    if cfg.get("path") is None and cfg.get("random") is not None:
+        defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items()}
+        config = {**defaults, **cfg["random"]}
+        return 2 ** (len(config["block_out_channels"]) - 1), config["latent_channels"]
+    return cfg.get("downsample", SD_VAE_GEOMETRY[0]), cfg.get("latent_channels", SD_VAE_GEOMETRY[1])
+
 
 def _build_first_stage(cfg):
+    """The first stage of an `encoders.first_stage` section, checked against the geometry the config states."""
     if cfg["type"] == "identity":
         return IdentityFirstStage()
     if cfg["type"] != "vae":
-        raise ValueError(f"unknown first stage type {cfg['type']!r}; expected 'vae' or 'identity'")
+        raise InputError(f"unknown first stage type {cfg['type']!r}; expected 'vae' or 'identity'")
     if cfg.get("path") is not None:
-        return VAEFirstStage.from_pretrained(cfg["path"])
+        first_stage = VAEFirstStage.from_pretrained(cfg["path"])
+        found, expected = (first_stage.downsample, first_stage.latent_channels), first_stage_geometry(cfg)
+        if found != expected:
+            raise InputError(f"the VAE in {cfg['path']} downsamples {found[0]}x into {found[1]} channels, but "
+                             f"encoders.first_stage says {expected[0]}x and {expected[1]} (the SD VAE's unless it "
+                             f"sets downsample and latent_channels)")
+        return first_stage
     if cfg.get("random") is not None:
         return VAEFirstStage.from_config(cfg["random"])
-    raise ValueError("first_stage: give the VAE 'path' (or a 'random' config, for tests only)")
+    raise InputError("first_stage: give the VAE 'path' (or a 'random' config, for tests only)")
 
 
 def build_encoders(cfg, device="cpu"):

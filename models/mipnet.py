@@ -34,6 +34,7 @@ class MIPNet(nn.Module):
 
     @property
     def needs_context(self):
+        """Whether a cross-attention block runs, which attends to the source tokens."""
         return self.cross_block is not None
 
     def mask(self, tokens, noise=None):

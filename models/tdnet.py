@@ -26,6 +26,7 @@ def sincos_pos_embed(dim, grid):
 
 
 def modulate(x, shift, scale):
+    """AdaLN: tokens x (N, L, D) scaled by 1 + scale and shifted by shift, both (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -117,6 +118,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """The block's MLP: Linear, tanh-GELU, Linear."""
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -151,6 +153,7 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """AdaLN-modulated LayerNorm and a linear map from each token to its patch of outputs."""
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -170,7 +173,8 @@ class FinalLayer(nn.Module):
 
 
 class TDNet(nn.Module):
-    """Patch embedding, timestep embedding, the encoder/decoder block stack and the output head.
+    """TDNet's parts, which XMDPT.forward runs: patch and timestep embedding, the encoder and decoder blocks and
+    the output head.
 
     Blocks [0, depth - decode_layer) form the encoder; the rest form the decoder, which starts by adding
     `decoder_pos_embed`. In the masked forward the encoder sees only the kept tokens, and MIPNet restores the
@@ -206,34 +210,21 @@ class TDNet(nn.Module):
         """Latents (N, C, H, W) -> tokens (N, L, D): patches plus the position embedding."""
         return self.x_embedder(x) + self.pos_embed
 
-    def forward(self, x, t, y, mipnet=None, source_tokens=None, mask_noise=None):
-        """Noisy latents x (N, C, H, W) at timesteps t (N,) under the condition y (N, D) -> (N, out, H, W).
-
-        With `mipnet`, the masked forward: the encoder sees the kept tokens (`mask_noise` (N, L) pins which),
-        MIPNet restores the sequence, using as context `source_tokens` (N, L, D) passed through the same encoder
-        blocks without gradient.
-        """
-        h = self.embed(x)  # (N, L, D)
-        c = self.t_embedder(t) + y  # (N, D)
-        if mipnet is None:
-            h = self.encode(h, c) + self.decoder_pos_embed  # (N, L, D)
-        else:
-            h, ids_keep = mipnet.mask(h, mask_noise)  # (N, K, D), K = int(L (1 - mask_ratio))
-            h = self.encode(h, c, ids_keep)  # (N, K, D)
-            context = None
-            if mipnet.needs_context:
-                with torch.no_grad():
-                    context = self.encode(source_tokens, c)  # (N, L, D)
-            h = mipnet(h, c, ids_keep, self.decoder_pos_embed, context)  # (N, L, D)
-        for block in self.blocks[self.split:]:
-            h = block(h, c)  # (N, L, D)
-        return self.unpatchify(self.final_layer(h, c))  # (N, out, H, W)
-
     def encode(self, h, c, ids_keep=None):
         """The encoder blocks on tokens (N, L or K, D); ids_keep (N, K) says which places kept tokens hold."""
         for block in self.blocks[:self.split]:
             h = block(h, c, ids_keep)
         return h
+
+    def decode(self, h, c):
+        """The decoder blocks on the whole sequence (N, L, D), decoder position embedding already added."""
+        for block in self.blocks[self.split:]:
+            h = block(h, c)
+        return h
+
+    def head(self, h, c):
+        """The final layer: tokens (N, L, D) -> the prediction (N, out, H, W)."""
+        return self.unpatchify(self.final_layer(h, c))
 
     def unpatchify(self, h):
         """(N, L, p * p * out) -> (N, out, H, W)."""

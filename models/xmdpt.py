@@ -102,6 +102,7 @@ def _expect(name, tensor, shape):
 
 
 def _xavier_linear(module):
+    """DiT's initialisation of a linear layer: Xavier-uniform weights, zero bias."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         nn.init.zeros_(module.bias)
@@ -161,9 +162,11 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
 
     @property
     def num_patches(self):
+        """L, the tokens of one latent: (input_size / patch_size)^2."""
         return self.tdnet.num_patches
 
     def _check_condition(self, pose, image, source, n=None):
+        """A ValueError naming the argument unless the condition's shapes fit this model (and n samples)."""
         c = self.config
         _expect("pose", pose, (n, c.dino_tokens, c.pose_dim))
         _expect("image", image, (pose.shape[0], c.dino_tokens, c.image_dim))
@@ -193,14 +196,34 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
             raise ValueError("mask=True needs MIPNet, but this model was built with mipnet='none'")
         if mask_noise is not None:
             _expect("mask_noise", mask_noise, (n, self.num_patches))
-        source_tokens = self.tdnet.embed(source)  # (N, L, D)
-        y = self.canet(pose, image, source_tokens)  # (N, D)
+        source_tokens = self.tdnet.embed(source)  # (N, L, D) source latent patches + position
+        y = self.canet(pose, image, source_tokens)  # (N, D) the unified condition
         if drop_cond is None and self.training and c.cond_drop > 0:
             drop_cond = torch.rand(n, device=x.device) < c.cond_drop
         if drop_cond is not None:
             _expect("drop_cond", drop_cond, (n,))
-            y = y * (~drop_cond.bool()).to(y.dtype).unsqueeze(1)
-        return self.tdnet(x, t, y, self.mipnet if mask else None, source_tokens, mask_noise)
+            y = y * (~drop_cond.bool()).to(y.dtype).unsqueeze(1)  # dropped: y = 0
+        return self.denoise(x, t, y, source_tokens if mask else None, mask_noise)
+
+    def denoise(self, x, t, y, source_tokens=None, mask_noise=None):
+        """TDNet on noisy latents x (N, C, H, W) at timesteps t (N,) under the condition y (N, D) ->
+        (N, out_channels, H, W). With the source tokens (N, L, D), the masked forward: the encoder sees the kept
+        tokens (mask_noise (N, L) pins which) and MIPNet restores the sequence, attending to the source."""
+        tdnet = self.tdnet
+        h = tdnet.embed(x)  # (N, L, D) noisy target patches + position
+        c = tdnet.t_embedder(t) + y  # (N, D)
+        if source_tokens is None:
+            h = tdnet.encode(h, c) + tdnet.decoder_pos_embed  # (N, L, D)
+        else:
+            h, ids_keep = self.mipnet.mask(h, mask_noise)  # (N, K, D), K = int(L (1 - mask_ratio))
+            h = tdnet.encode(h, c, ids_keep)  # (N, K, D)
+            context = None
+            if self.mipnet.needs_context:
+                with torch.no_grad():  # the source at the target's level, through the same encoder blocks
+                    context = tdnet.encode(source_tokens, c)  # (N, L, D)
+            h = self.mipnet(h, c, ids_keep, tdnet.decoder_pos_embed, context)  # (N, L, D)
+        h = tdnet.decode(h, c)  # (N, L, D)
+        return tdnet.head(h, c)  # (N, out_channels, H, W)
 
     def guided(self, pose, image, source, cfg_scale=2.0, scale_pow=0.01):
         """A denoiser fn(x, t) -> (N, out_channels, H, W) with classifier-free guidance, for sampling.
@@ -216,7 +239,7 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
 
         def fn(x, t):
             _expect("x", x, (pose.shape[0], c.in_channels, c.input_size, c.input_size))
-            cond, uncond = self.tdnet(torch.cat([x, x]), torch.cat([t, t]), y).chunk(2)  # (N, out, H, W) each
+            cond, uncond = self.denoise(torch.cat([x, x]), torch.cat([t, t]), y).chunk(2)  # (N, out, H, W) each
             scale = guidance_scale(t, cfg_scale, scale_pow).to(cond.dtype).view(-1, 1, 1, 1)
             return uncond + scale * (cond - uncond)
 
@@ -224,4 +247,5 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         return fn
 
     def forward_with_cfg(self, x, t, pose, image, source, cfg_scale=2.0, scale_pow=0.01):
+        """The guided output (N, out_channels, H, W) of `guided` at x and t, in one call."""
         return self.guided(pose, image, source, cfg_scale, scale_pow)(x, t)

@@ -30,9 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from inference import Pipeline
 from models import XMDPT, XMDPT_CONFIGS, Diffusion
+from models.distributed import default_device
 from models.encoders import DINOv2, Encoders, VAEFirstStage
+from models.objective import XMDPTLoss
 from models.tdnet import modulate
-from models.training import Objective, step_inputs, update_ema
 from models.xmdpt import guidance_scale
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def count_training(name, batch):
     with torch.device("meta"):
         model = XMDPT(XMDPT_CONFIGS[name])
         x, _, cond = random_inputs(model, batch, torch.device("meta"))
-        objective = Objective(model, Diffusion())
+        objective = XMDPTLoss(model, Diffusion())
         pose_net, image_net, vae = DINOv2("vitb14", "random"), DINOv2("vitg14", "random"), VAEFirstStage.from_config(SD_VAE)
         pixels = torch.randn(batch, 3, 256, 256)
         dino = torch.randn(batch, 3, 224, 224)
@@ -170,7 +171,7 @@ def count_training(name, batch):
                                for b in model.tdnet.blocks]
         pose_work = gflops(lambda: pose_net.net.forward_features(dino))
         image_work = gflops(lambda: image_net.net.forward_features(dino))
-        return {"model fwd+bwd (plain + masked)": gflops(lambda: objective(x, **cond)["total"].backward()),
+        return {"model fwd+bwd (plain + masked)": gflops(lambda: objective(x, cond)["total"].backward()),
                 "VAE encode (target + source)": 2 * gflops(lambda: vae.vae.encode(pixels)),
                 "DINOv2-B/14 (target skeleton)": pose_work,
                 "DINOv2-G/14 (source image)": image_work,
@@ -183,7 +184,7 @@ def measure_training(name, batch, device, cached, repeats):
     batch of pixels (or, with the cache, features ready), the objective, its backward, AdamW and the EMA."""
     device = torch.device(device)
     model = XMDPT(XMDPT_CONFIGS[name]).to(device)
-    objective = Objective(model, Diffusion())
+    objective = XMDPTLoss(model, Diffusion())
     ema = XMDPT(model.config).to(device).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
@@ -191,21 +192,22 @@ def measure_training(name, batch, device, cached, repeats):
         nets = Encoders(None, None, VAEFirstStage.from_config(SD_VAE)).to(device)
         c = model.config
         moments = lambda: torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
-        features = {"pose": torch.randn(batch, c.dino_tokens, c.pose_dim, device=device),
-                    "image": torch.randn(batch, c.dino_tokens, c.image_dim, device=device),
-                    "target_mean": moments(), "target_logvar": moments(), "source_mean": moments(),
-                    "source_logvar": moments()}
+        batch_data = {"pose": torch.randn(batch, c.dino_tokens, c.pose_dim, device=device),
+                      "image": torch.randn(batch, c.dino_tokens, c.image_dim, device=device),
+                      "target_mean": moments(), "target_logvar": moments(), "source_mean": moments(),
+                      "source_logvar": moments()}
     else:
         nets = encoders(device)
+        batch_data = {"target": pixels, "source": pixels, "target_skeleton": pixels * 0.5 + 0.5}
 
-    def step():
-        ready = features if cached else nets.features(pixels, pixels, pixels * 0.5 + 0.5)
+    def step():  # train_xmdpt.py's step
+        x0, cond = nets.training_inputs(batch_data, cached)
         opt.zero_grad(set_to_none=True)
         with autocast(device):
-            loss = objective(*step_inputs(ready, nets.first_stage))["total"]
+            loss = objective(x0, cond)["total"]
         loss.backward()
         opt.step()
-        update_ema(ema, model, 0.9999)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - 0.9999)  # the EMA
 
     sec = timed(step, device, repeats)
     return {"steps_per_s": 1 / sec, "peak_gib": peak_memory_gib(device)}
@@ -286,12 +288,11 @@ def run_row(kind, kwargs):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
     p = sub.add_parser("sampling", help="one guided DDIM step: ours against the released schedule of work")
     p.add_argument("--model", default="XMDPT-S/2", choices=sorted(XMDPT_CONFIGS), help="model size")
     p.add_argument("--batch", type=int, default=4, help="samples per step (each runs both guidance halves)")
-    p.add_argument("--device", default=default_device, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--device", default=str(default_device()), help="torch device, e.g. cpu or cuda")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up; the median is shown")
     p.set_defaults(fn=bench_sampling)
 
@@ -299,7 +300,7 @@ def main(argv=None):
         p = sub.add_parser(name, help=help)
         p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
                        choices=sorted(XMDPT_CONFIGS), help="model sizes")
-        p.add_argument("--device", default=default_device, help="torch device")
+        p.add_argument("--device", default=str(default_device()), help="torch device")
         p.add_argument("--repeats", type=int, default=repeats, help="timed runs after one warm-up; the median is shown")
         p.set_defaults(fn=fn)
         return p

@@ -18,6 +18,7 @@ from configs import load_config
 from data.cache import META_KEY, cache_key, encoder_signature
 from data.deepfashion import PairDataset
 from data.lmdb import LMDBWriter
+from models.distributed import default_device
 from models.encoders import build_encoders
 
 
@@ -57,7 +58,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="images per encoder batch")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                         help="storage type of the DINOv2 tokens (the moments are always float32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", default=str(default_device()), help="torch device")
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.root=datasets/other")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

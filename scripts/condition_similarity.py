@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from configs import CONFIG_DIR, load_config
 from data.deepfashion import PairDataset
+from data.errors import InputError
 from inference import Pipeline
+from models.distributed import default_device
 
 LABELS = {
     "y": "y = CANet(pose, global, local)",
@@ -65,10 +67,10 @@ def choose_views(groups, persons, views_per_person, seed, exclude=()):
     """{identity: views}: `persons` identities with at least `views_per_person` images (all of them if
     fewer), not in `exclude`, and `views_per_person` of each one's images, drawn under `seed`."""
     if views_per_person < 2:
-        raise ValueError(f"need at least 2 views per person, got {views_per_person}")
+        raise InputError(f"need at least 2 views per person, got {views_per_person}")
     eligible = [i for i, paths in groups.items() if len(paths) >= views_per_person and i not in exclude]
     if len(eligible) < 2:
-        raise ValueError(f"only {len(eligible)} person(s) have {views_per_person} or more images (besides the "
+        raise InputError(f"only {len(eligible)} person(s) have {views_per_person} or more images (besides the "
                          f"target pose's person); need at least 2")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(eligible, min(persons, len(eligible))))
@@ -164,7 +166,7 @@ def parse_args(argv=None):
                         "person is left out of the comparison (default: the first image of the first person)")
     p.add_argument("--seed", type=int, default=0, help="seed of the choice of persons and views (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="views encoded together (default: 16)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=str(default_device()),
                    help="torch device (default: cuda if available)")
     p.add_argument("--json", help="also write the result (settings, persons and views, per-person values) here")
     return p.parse_args(argv)

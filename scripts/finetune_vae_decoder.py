@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.deepfashion import ImageList, open_images, to_tensor
+from data.deepfashion import ImageList, open_images
 from data.files import atomic_path
+from data.images import to_tensor
 from eval.images import listed_keys
+from models.distributed import default_device
 from models.encoders import load_autoencoder
 
 FROZEN_PREFIXES = ("encoder.", "quant_conv.")  # everything before the latent; the decoder side trains
@@ -88,7 +90,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--mse-weight", type=float, default=1.0, help="loss = L1 + mse_weight * MSE")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", default=str(default_device()),
                    help="torch device (bf16 autocast on CUDA)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="torch seed (shuffling and posterior samples)")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import optional
 from PIL import Image
 
 import infer_xmdpt
-from conftest import optional
 from data.photo import _pose_solution, read_photo
 from inference.pipeline import DEMO_CHECKPOINT, DEMO_CONFIG, Pipeline
 

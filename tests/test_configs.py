@@ -58,7 +58,27 @@ def test_model_section_maps_onto_the_config(tmp_path):
                               ("model.preset=XMDPT-M/2", "model.preset 'XMDPT-M/2' is not one of"),
                               ("model.num_heads=7", "hidden_size .384. must be a multiple of num_heads .7."),
                               ("model.pose_dim=1024", "model.pose_dim 1024 does not match encoders.pose.dinov2 "
-                                                      "vitb14 .width 768."),
-                              ("encoders.image.dinov2=vitq14", "unknown DINOv2 variant 'vitq14'")]:
+                                                      "vitb14, which gives 768"),
+                              ("encoders.image.dinov2=vitq14", "unknown DINOv2 variant 'vitq14'"),
+                              ("model.input_size=64", r"model.input_size 64 does not match data.size 256 through "
+                                                      r"encoders.first_stage \(vae: 8x down, 4 channels\), which "
+                                                      r"gives 32; leave model.input_size out"),
+                              ("model.in_channels=3", "model.in_channels 3 does not match data.size 256 through "
+                                                      "encoders.first_stage .*which gives 4"),
+                              ("data.size=250", "data.size 250 is not a multiple of 8, the downsampling of "
+                                                "encoders.first_stage .vae.")]:
         with pytest.raises(ValueError, match=message):
             load_config(CONFIGS / "xmdpt_s.yaml", [override])
+
+
+def test_the_latent_grid_follows_the_image_size_and_the_first_stage():
+    """input_size and in_channels are derived: 256 and 512 pixels through the SD VAE (8x, 4 channels) give 32 and
+    64; the demo's 32 pixels through the identity keep 32x32x3; a random test VAE says its own."""
+    grid = lambda path, *overrides: (lambda c: (c.input_size, c.in_channels))(
+        model_config(load_config(CONFIGS / path, list(overrides))))
+    assert grid("xmdpt_s.yaml") == (32, 4) and grid("xmdpt_s.yaml", "data.size=512") == (64, 4)
+    assert grid("xmdpt_l_512.yaml") == (64, 4) and grid("demo.yaml") == (32, 3)
+    small_vae = "encoders.first_stage={type: vae, path: null, random: {block_out_channels: [32, 64], latent_channels: 2}}"
+    assert grid("xmdpt_s.yaml", small_vae) == (128, 2)
+    assert grid("xmdpt_s.yaml", "encoders.first_stage.downsample=16", "encoders.first_stage.latent_channels=16") \
+        == (16, 16)

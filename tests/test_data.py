@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.deepfashion import PairDataset, pose_file, prepare_lmdbs, read_pairs
+from data.deepfashion import PairDataset, pose_path, prepare_lmdbs, read_pairs
 from data.lmdb import LMDBReader, LMDBWriter
 from data.pose import FLIP_JOINTS, draw_skeleton, to_image_coords
 from data.synthetic import make_synthetic
@@ -44,7 +44,7 @@ def test_names():
 
 def test_paths(tmp_path):
     assert image_key(TARGET) == "img/WOMEN/Blouses_Shirts/id_00000637/03_1_front.png"
-    assert pose_file(tmp_path, TARGET) == tmp_path / "pose/WOMEN/Blouses_Shirts/id_00000637/03_1_front.txt"
+    assert pose_path(tmp_path, TARGET) == tmp_path / "pose/WOMEN/Blouses_Shirts/id_00000637/03_1_front.txt"
 
 
 def test_read_pairs(tmp_path):
@@ -74,7 +74,7 @@ def test_test_split(synth):
     assert item["target_skeleton"].min() == 0 and item["target_skeleton"].max() == 1
     assert torch.equal(item["target"], dataset.load_image(target))
     assert torch.equal(item["source"], dataset.load_image(sources[0]))
-    assert torch.equal(item["target_skeleton"], dataset.load_pose(target))
+    assert torch.equal(item["target_skeleton"], dataset.skeleton(target))
     again = dataset[3]
     assert all(torch.equal(item[k], again[k]) for k in ("target", "source", "target_skeleton"))
 
@@ -158,7 +158,7 @@ def test_scale_jitter_and_flip_keypoints_follow_the_image(tmp_path):
     pixels[27:30, 19:22] = 255  # centred on (x, y) = (20, 28)
     with LMDBWriter(tmp_path / "64-64") as writer:
         writer.put(image_key(name), png_bytes(pixels))
-    pose = pose_file(tmp_path, name)
+    pose = pose_path(tmp_path, name)
     pose.parent.mkdir(parents=True)
     pose.write_text("-1 -1\n" + f"{40 + 20 * 176 / 64} {28 * 256 / 64}\n" + "-1 -1\n" * 16)
     dataset = PairDataset(tmp_path, size=64, split="train", scale_jitter=0.5)
@@ -225,7 +225,7 @@ def test_dataset_errors(tmp_path):
         writer.put(image_key(nopose), png_bytes(np.zeros((64, 64, 3), np.uint8)))
         writer.put(image_key(corrupt), b"not a png")
         writer.put(image_key(small), png_bytes(np.zeros((32, 32, 3), np.uint8)))
-    pose = pose_file(tmp_path, good)
+    pose = pose_path(tmp_path, good)
     pose.parent.mkdir(parents=True)
     pose.write_text("50 60\n" * 18)
     with pytest.raises(ValueError, match="split"):
@@ -239,7 +239,7 @@ def test_dataset_errors(tmp_path):
     with pytest.raises(KeyError, match=r"64-64 has no entry .*01_7_additional\.png"):
         dataset[3]
     with pytest.raises(FileNotFoundError, match=r"pose/A/B/id_00000001/01_2_side\.txt"):
-        dataset.load_pose(nopose)
+        dataset.skeleton(nopose)
 
 
 def lmdb_items(path):
@@ -255,7 +255,7 @@ def make_raw(root, names):
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels = rng.integers(0, 255, (128, 88, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(path, quality=95)
-        pose = pose_file(root, name)
+        pose = pose_path(root, name)
         pose.parent.mkdir(parents=True, exist_ok=True)
         pose.write_text("".join(f"{60 + i} {10 + 12 * i}\n" for i in range(18)))
     (root / "train_pairs.txt").write_text(f"{names[0]},{names[1]},{names[2]}\n{names[1]},{names[0]}\n")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import Diffusion
+from models import XMDPT, Diffusion
 from models.diffusion import sampling_timesteps
 
 
@@ -39,9 +39,9 @@ def test_ddim_recovers_x0_for_an_oracle_model():
             ab = torch.from_numpy(d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
             return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
-        out = d.ddim_sample(oracle, z, steps=steps)
+        out = d.ddim_sample(predicting("eps", oracle), z, steps=steps)
         assert torch.allclose(out, x0, atol=2e-4), steps
-    clipped = d.ddim_sample(lambda x, t: torch.full_like(x, 50.0), z, steps=7, clip_denoised=True)
+    clipped = d.ddim_sample(predicting("eps", lambda x, t: torch.full_like(x, 50.0)), z, steps=7, clip_denoised=True)
     assert clipped.abs().max() <= 1 + 1e-6
 
 
@@ -54,7 +54,7 @@ def test_dpm_solver_recovers_x0_for_an_oracle_model():
         return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     z = d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
-    assert torch.allclose(d.dpm_solver_sample(oracle, z, steps=20), x0, atol=1e-4)
+    assert torch.allclose(d.dpm_solver_sample(predicting("eps", oracle), z, steps=20), x0, atol=1e-4)
 
 
 def test_vb_term_is_kl_and_decoder_nll_at_zero():
@@ -78,7 +78,7 @@ def test_vb_term_is_kl_and_decoder_nll_at_zero():
 def test_training_losses_need_learned_sigma():
     d = Diffusion()
     with pytest.raises(ValueError, match="learned-sigma"):
-        d.training_losses(lambda x, t: x, torch.randn(1, 4, 2, 2), torch.tensor([3]))
+        d.training_losses(predicting("eps", lambda x, t: x), torch.randn(1, 4, 2, 2), torch.tensor([3]))
 
 
 def _v_of(d, x0, noise, t):
@@ -102,7 +102,7 @@ def test_v_prediction_reads_back_eps_and_trains_on_v():
     var = torch.randn_like(x0).tanh()
     losses = d.training_losses(predicting("v", lambda x, tt: torch.cat([v, var], 1)), x0, t, noise=noise)
     assert losses["mse"].max() < 1e-10
-    eps_losses = d.training_losses(lambda x, tt: torch.cat([noise, var], 1), x0, t, noise=noise)
+    eps_losses = d.training_losses(predicting("eps", lambda x, tt: torch.cat([noise, var], 1)), x0, t, noise=noise)
     assert torch.allclose(losses["vb"], eps_losses["vb"], rtol=1e-3, atol=1e-5)
     wrong = d.training_losses(predicting("v", lambda x, tt: torch.cat([noise, var], 1)), x0, t, noise=noise)["mse"]
     assert torch.allclose(wrong, ((noise - v) ** 2).mean(dim=(1, 2, 3)), rtol=1e-3)
@@ -110,14 +110,32 @@ def test_v_prediction_reads_back_eps_and_trains_on_v():
         d.training_losses(predicting("x0", lambda x, tt: torch.cat([v, var], 1)), x0, t, noise=noise)
 
 
-def test_v_prediction_samplers_match_eps_ones():
-    """A v model and the eps model it implies give the same DDIM and DPM-Solver++ samples."""
+def test_a_denoiser_that_does_not_say_what_it_predicts_is_refused():
+    """A plain function has no `prediction`: every sampler and the loss refuse it rather than take it for eps
+    (a v-model wrapped in a lambda would otherwise be sampled as eps, with no error)."""
     d = Diffusion()
-    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
-    eps_fn = lambda x, t: torch.sin(3 * x) + 0.1 * t.float().view(-1, 1, 1, 1) / 1000
+    model = XMDPT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, pose_dim=16,
+                  image_dim=24, dino_tokens=5, prediction="v").eval()
+    cond = dict(pose=torch.randn(1, 5, 16), image=torch.randn(1, 5, 24), source=torch.randn(1, 4, 8, 8))
+    fn = model.guided(**cond)
+    wrapped = lambda x, t: fn(x, t)  # noqa: E731, the way a prediction type gets lost
+    z = torch.randn(1, 4, 8, 8)
+    for call in (lambda: d.ddim_sample(wrapped, z, steps=2), lambda: d.dpm_solver_sample(wrapped, z, steps=2),
+                 lambda: d.training_losses(lambda x, t, **kw: model(x, t, **kw), z, torch.tensor([5]), cond)):
+        with pytest.raises(TypeError, match="does not say what it predicts"):
+            call()
+    d.ddim_sample(fn, z, steps=2)  # the guided denoiser itself says it
+
+
+def test_v_prediction_samplers_match_eps_ones():
+    """A v model and the eps model it implies give the same DDIM and DPM-Solver++ samples (in float64: at
+    t = 999 reading eps back from v divides by sqrt(alpha_bar) = 0.0064, which float32 rounding cannot bear)."""
+    d = Diffusion()
+    x0 = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    eps_fn = predicting("eps", lambda x, t: torch.sin(3 * x) + 0.1 * t.double().view(-1, 1, 1, 1) / 1000)
 
     def v_fn(x, t):
-        a = torch.from_numpy(d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        a = torch.from_numpy(d.alphas_cumprod)[t].view(-1, 1, 1, 1)
         eps = eps_fn(x, t)
         return (eps - (1 - a).sqrt() * x) / a.sqrt()
 
@@ -178,7 +196,7 @@ def gaussian_data_model(d, s_mean=S_MEAN, s_dev=S_DEV):
         mean, dev = split(x)
         x0 = MU + k(s_mean ** 2) * (mean - a.sqrt() * MU) + k(s_dev ** 2) * dev
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
-    return eps
+    return predicting("eps", eps)
 
 
 def ode_solution(d, z, s_mean=S_MEAN, s_dev=S_DEV):

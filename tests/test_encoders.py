@@ -5,14 +5,23 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import load_fixture
 from PIL import Image
 from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from conftest import load_fixture
-from models.encoders import (DINOv2, IdentityFirstStage, LATENT_SCALE, VAEFirstStage, build_encoders,
-                             dino_input, dinov2_width, resample_pos_embed)
+from data.errors import InputError
 from eval.images import flat_name
+from models.encoders import (
+    LATENT_SCALE,
+    DINOv2,
+    IdentityFirstStage,
+    VAEFirstStage,
+    build_encoders,
+    dino_input,
+    dinov2_width,
+    resample_pos_embed,
+)
 from scripts.finetune_vae_decoder import build_parser, finetune_decoder
 
 WIDTHS = {"vits14": 384, "vitb14": 768, "vitl14": 1024, "vitg14": 1536}  # DINOv2 (Oquab et al., 2023), table 1
@@ -214,7 +223,7 @@ def test_build_encoders(small_vae_dir):
     torch.manual_seed(0)
     cfg = {"pose": {"dinov2": "vitb14", "weights": "random", "depth": 1},
            "image": {"dinov2": "vits14", "weights": "random", "depth": 1},
-           "first_stage": {"type": "vae", "path": str(small_vae_dir)}}
+           "first_stage": {"type": "vae", "path": str(small_vae_dir), "downsample": 2}}
     enc = build_encoders(cfg, "cpu")
     assert (enc.pose.dim, enc.image.dim) == (768, 384)
     x = torch.rand(2, 3, 224, 224) * 2 - 1
@@ -228,6 +237,10 @@ def test_build_encoders(small_vae_dir):
     assert random_vae.first_stage.downsample == 2
     identity = build_encoders({**cfg, "first_stage": {"type": "identity"}})
     assert isinstance(identity.first_stage, IdentityFirstStage)
+    # A VAE whose grid is not the one the config derives the model's latent size from is refused, naming it.
+    with pytest.raises(InputError, match=rf"the VAE in {small_vae_dir} downsamples 2x into 4 channels, but "
+                                         r"encoders.first_stage says 8x and 4"):
+        build_encoders({**cfg, "first_stage": {"type": "vae", "path": str(small_vae_dir)}})
 
 
 def test_build_encoders_checks_files_first(tmp_path, monkeypatch):

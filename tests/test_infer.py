@@ -11,17 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import optional
 from PIL import Image
 
 import infer_xmdpt
 from configs import load_config, model_config
-from conftest import optional
 from data.deepfashion import PairDataset
+from data.images import to_uint8
 from data.photo import _pose_solution, frame_photo, read_photo
 from data.pose import load_keypoints
 from data.synthetic import make_synthetic
 from inference import Pipeline
-from inference.pairs import to_uint8
 from models import XMDPT, export
 from models.encoders import build_encoders
 
@@ -300,6 +300,23 @@ def test_user_errors_end_in_one_line(setup, photos, mediapipe, tmp_path, capsys)
              (["--source", source, "--target-pose", str(tmp_path / "none.txt")], "keypoint file not found")]
     for argv, message in cases:
         assert re.search(message, fails(setup, capsys, tmp_path / "out", *argv)), message
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyError])
+def test_an_internal_error_is_not_reported_as_the_users(setup, tmp_path, monkeypatch, capsys, error):
+    """A ValueError or KeyError raised deep in the pipeline is a bug of ours, not a mistyped input: it keeps its
+    traceback, with no one-line message and no exit status 2 (the user errors above are a class of their own)."""
+    tmp, _ = setup
+
+    def broken(*args, **kwargs):
+        raise error("an internal inconsistency")
+
+    monkeypatch.setattr("models.diffusion.Diffusion.ddim_sample", broken)
+    capsys.readouterr()
+    with pytest.raises(error, match="an internal inconsistency"):
+        infer_xmdpt.main(["--config", str(tmp / "cfg.yaml"), "--ckpt", str(tmp / "tiny"), "--limit", "1",
+                          "--out", str(tmp_path)])
+    assert "error:" not in capsys.readouterr().err
 
 
 def test_console_stays_quiet(setup, photos, mediapipe, tmp_path):

@@ -1,11 +1,14 @@
 """Parity with the released X-MDPT code (fixture official_parity_small.pt), sizes, switches and errors."""
 import json
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
+from data.errors import InputError
 from models import XMDPT, XMDPT_CONFIGS, Diffusion, XMDPTConfig, export, load_checkpoint
-from models.checkpoint import convert_released_state_dict
+from models.checkpoint import check_fits, convert_released_state_dict, read_checkpoint
+from models.xmdpt import TRAINING_ONLY
 
 TOL = 1e-4
 
@@ -332,6 +335,34 @@ def test_checkpoint_of_another_size_fails_listing_keys(tmp_path):
         load_checkpoint(model.state_dict(), model=tiny(depth=4))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+# For every field of XMDPTConfig, another valid value for the tiny model (a new field must be added here).
+OTHER_VALUES = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0,
+                    learn_sigma=False, decode_layer=1, mask_ratio=0.5, mipnet="self", aggregation="add",
+                    cond_drop=0.2, pose_dim=32, image_dim=48, dino_tokens=7, prediction="v")
+
+
+def test_a_checkpoint_that_differs_from_the_config_in_any_field_is_refused_naming_it(tmp_path):
+    """Inference checks a checkpoint against its config before building anything: every architecture field
+    that differs is named with both values. Only the fields that change training alone (the mask ratio, MIPNet,
+    the condition drop) may differ: an inference export carries no MIPNet."""
+    assert set(OTHER_VALUES) == {f.name for f in fields(XMDPTConfig)}
+    config = tiny().config
+    export(tiny(), tmp_path / "tiny", inference_only=False)
+    ckpt = read_checkpoint(tmp_path / "tiny")
+    assert ckpt.config == config
+    for field, value in OTHER_VALUES.items():
+        expected = replace(config, **{field: value})
+        if field in TRAINING_ONLY:
+            check_fits(ckpt.config, expected, "--ckpt tiny")
+            continue
+        with pytest.raises(InputError, match=rf"^--ckpt tiny does not fit the config:\n  {field}: "
+                                             rf"{getattr(config, field)} in the checkpoint, {value} in the config$"):
+            check_fits(ckpt.config, expected, "--ckpt tiny")
+    two = replace(config, hidden_size=64, prediction="v")
+    with pytest.raises(InputError, match="hidden_size: 32 .*\n  prediction: eps"):
+        check_fits(ckpt.config, two, "--ckpt tiny")
 
 
 def test_training_checkpoint_and_exports_roundtrip(tmp_path):

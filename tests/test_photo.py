@@ -3,13 +3,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import COCO18_NAMES, optional
 from PIL import Image
 
-from conftest import COCO18_NAMES, optional
 from data import photo
-from data.deepfashion import to_tensor
-from data.photo import (MEDIAPIPE_TO_COCO18, coco18_from_mediapipe, detect_person, fit_photo, frame_photo,
-                        person_crop, photo_keypoints_to_deepfashion, read_photo)
+from data.images import to_tensor
+from data.photo import (MEDIAPIPE_TO_COCO18, coco18_from_mediapipe, detect_person, fit_photo, frame_photo, person_crop,
+                        photo_keypoints_to_deepfashion, read_photo)
 from data.pose import load_keypoints, save_openpose_json, to_image_coords
 
 SIZE = 128

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import COCO18_NAMES
+
 from data.pose import (BODY25_TO_COCO18, FLIP_JOINTS, LIMBS, draw_skeleton, from_image_coords, load_keypoints,
                        to_image_coords)
 

@@ -6,7 +6,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from conftest import optional
 
 REQUIREMENTS = Path(__file__).parents[1] / "requirements.txt"

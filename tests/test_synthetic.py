@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data.deepfashion import PairDataset, pose_file, read_pairs
+from data.deepfashion import PairDataset, pose_path, read_pairs
 from data.lmdb import LMDBReader
 from data.pose import load_keypoints, to_image_coords
 from data.synthetic import make_synthetic
@@ -49,7 +49,7 @@ def test_layout(synth):
     for size in (32, 64):
         assert set(lmdb_items(root / f"{size}-{size}")) == {image_key(path) for path in every}
         assert PairDataset(root, size=size, split="test")[0]["target"].shape == (3, size, size)
-    assert all(pose_file(root, path).is_file() for path in every)
+    assert all(pose_path(root, path).is_file() for path in every)
     assert not list(root.glob("*.partial"))
 
 
@@ -58,7 +58,7 @@ def test_keypoints_follow_the_deepfashion_convention(synth):
     paths = [target for target, _ in read_pairs(root / "train_pairs.txt") + read_pairs(root / "test_pairs.txt")]
     missing = 0
     for path in paths:
-        keypoints = load_keypoints(pose_file(root, path))
+        keypoints = load_keypoints(pose_path(root, path))
         present = (keypoints != -1).all(axis=1)
         missing += (~present).sum()
         assert present[1]  # the neck is always visible

@@ -1,6 +1,7 @@
 """Training: the demo config learns, resumes exactly, uses the feature cache, runs on 2 processes."""
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from data.sampler import SeededDataset
 from data.synthetic import make_synthetic
 from models import XMDPT, Diffusion, XMDPTConfig, load_checkpoint
 from models.encoders import build_encoders
-from models.training import Objective, step_inputs
+from models.objective import XMDPTLoss
 from scripts.cache_features import cache_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,11 +84,11 @@ def test_demo_learns_and_resumes_exactly(synth, demo_cache, tmp_path):
 def test_cached_step_equals_online_step(synth, demo_cache):
     """The feature cache gives the layout the encoders give a batch of pixels, with the same values: the same
     latents, tokens and loss."""
-    online = train_xmdpt.training_data(tiny_config(synth), None)
-    cached = train_xmdpt.training_data(tiny_config(synth, demo_cache), None)
+    online = train_xmdpt.training_data(tiny_config(synth))
+    cached = train_xmdpt.training_data(tiny_config(synth, demo_cache))
     cfg = tiny_config(synth)
     encoders = build_encoders(cfg["encoders"])
-    objective = Objective(XMDPT(model_config(cfg)), Diffusion())
+    objective = XMDPTLoss(XMDPT(model_config(cfg)), Diffusion())
     for index in range(3):
         with torch.random.fork_rng():
             torch.manual_seed(index)
@@ -99,21 +100,22 @@ def test_cached_step_equals_online_step(synth, demo_cache):
         features = encoders.features(a["target"][None], a["source"][None], a["target_skeleton"][None])
         assert set(features) == {k for k in b if torch.is_tensor(b[k])}
         torch.manual_seed(1)
-        online_inputs = step_inputs(features, encoders.first_stage)
+        x0, cond = encoders.training_inputs({k: v[None] for k, v in a.items() if torch.is_tensor(v)}, cached=False)
         torch.manual_seed(1)
-        cached_inputs = step_inputs({k: v[None] for k, v in b.items() if torch.is_tensor(v)}, encoders.first_stage)
-        for x, y in zip(online_inputs, cached_inputs):
+        cached_x0, cached_cond = encoders.training_inputs({k: v[None] for k, v in b.items() if torch.is_tensor(v)},
+                                                          cached=True)
+        for x, y in zip([x0, *cond.values()], [cached_x0, *cached_cond.values()]):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
         torch.manual_seed(2)
-        online_loss = objective(*online_inputs)["total"]
+        online_loss = objective(x0, cond)["total"]
         torch.manual_seed(2)
-        cached_loss = objective(*cached_inputs)["total"]
+        cached_loss = objective(cached_x0, cached_cond)["total"]
         torch.testing.assert_close(online_loss, cached_loss, rtol=1e-5, atol=0)
 
 
 def test_cache_read_in_workers_equals_the_main_process(synth, demo_cache):
     """The cache, opened in the main process first, read again by forked DataLoader workers."""
-    cached = train_xmdpt.training_data(tiny_config(synth, demo_cache), None)
+    cached = train_xmdpt.training_data(tiny_config(synth, demo_cache))
     keys = [(i, 100 + i) for i in range(6)]
     single = list(DataLoader(SeededDataset(cached), batch_size=3, sampler=keys, num_workers=0))
     multi = list(DataLoader(SeededDataset(cached), batch_size=3, sampler=keys, num_workers=2,
@@ -155,7 +157,7 @@ def test_resume_refuses_another_config(synth, tmp_path):
 
 def fail_at_call(monkeypatch, n, action):
     """Make the n-th training step's objective call `action(terms)` (or raise it, for an exception)."""
-    real = Objective.forward
+    real = XMDPTLoss.forward
     calls = []
 
     def patched(self, *args):
@@ -165,7 +167,7 @@ def fail_at_call(monkeypatch, n, action):
         terms = real(self, *args)
         return action(terms) if len(calls) == n else terms
 
-    monkeypatch.setattr(Objective, "forward", patched)
+    monkeypatch.setattr(XMDPTLoss, "forward", patched)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
@@ -240,6 +242,25 @@ def test_run_train_sh_trains_as_a_user_types_it(synth, tmp_path):
     assert ckpt["run_config"]["train"]["lr"] == 5e-4 and ckpt["opt"]["param_groups"][0]["lr"] == 5e-4
 
 
+@pytest.mark.parametrize("case", ["no dataset", "no weights", "bad override"])
+def test_run_train_sh_reports_user_errors_in_one_line(synth, tmp_path, case):
+    """`bash run_train.sh` (the paper's recipe) on a machine without DeepFashion, without the weights, or with a
+    mistyped override: one line that names the file (and the command that makes it) or the key, exit status 2."""
+    argv, message = {
+        "no dataset": ([f"data.root={tmp_path}/deepfashion"],
+                       rf"pair file not found: {tmp_path}/deepfashion/train_pairs.txt\. .*python -m "
+                       rf"scripts.prepare_deepfashion --root {tmp_path}/deepfashion"),
+        "no weights": ([f"data.root={synth}", f"data.size={SIZE}", f"encoders.pose.weights={tmp_path}/vitb14.pth"],
+                       rf"DINOv2 vitb14 weights not found: {tmp_path}/vitb14.pth\. Get the original checkpoint from "
+                       r"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
+        "bad override": (["train.lrr=1e-4"], r"override 'train.lrr=1e-4': unknown key 'lrr' in section 'train'"),
+    }[case]
+    result = subprocess.run(["bash", "run_train.sh", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OUT=str(tmp_path / "run"), OMP_NUM_THREADS="1"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.fullmatch(rf"train_xmdpt.py: error: {message}.*\n", result.stderr), result.stderr
+
+
 def test_overrides_read_exponents_as_floats(tmp_path):
     """`train.lr=1e-3` (YAML 1.1 would give the string '1e-3') is a float, in overrides and in files."""
     cfg = load_config(ROOT / "configs/demo.yaml", ["train.lr=1e-3", "train.weight_decay=5E+0", "data.root=1e3x"])
@@ -273,7 +294,7 @@ def test_objective_total_is_the_plain_plus_the_masked_loss():
     x0, pose, image, source = tiny_batch(model)
     diffusion = Diffusion()
     torch.manual_seed(7)
-    terms = Objective(model, diffusion)(x0, pose, image, source)
+    terms = XMDPTLoss(model, diffusion)(x0, dict(pose=pose, image=image, source=source))
     torch.manual_seed(7)
     t = torch.randint(0, 1000, (3,))
     noise = torch.randn(x0.shape)
@@ -300,7 +321,7 @@ def test_objective_without_mipnet_is_the_plain_loss():
     model = tiny_model(mipnet="none")
     x0, pose, image, source = tiny_batch(model)
     torch.manual_seed(7)
-    terms = Objective(model, Diffusion())(x0, pose, image, source)
+    terms = XMDPTLoss(model, Diffusion())(x0, dict(pose=pose, image=image, source=source))
     assert sorted(terms) == ["plain_loss", "plain_mse", "plain_vb", "total"]
     assert torch.equal(terms["total"], terms["plain_loss"])
 
@@ -309,7 +330,7 @@ def run_recording(synth, tmp_path, monkeypatch, **train):
     """Train the tiny config for 2 steps, recording the gradient of every objective call's total (taken
     before the loop's own backward) and the gradients the optimizer applies at each step."""
     cfg = tiny_config(synth, max_steps=2, log_every=1, ckpt_every=1, **train)
-    real = Objective.forward
+    real = XMDPTLoss.forward
     per_call, applied = [], []
 
     def recording(self, *args):
@@ -321,7 +342,7 @@ def run_recording(synth, tmp_path, monkeypatch, **train):
     def before_step(opt, args, kwargs):
         applied.append([p.grad.clone() for group in opt.param_groups for p in group["params"]])
 
-    monkeypatch.setattr(Objective, "forward", recording)
+    monkeypatch.setattr(XMDPTLoss, "forward", recording)
     handle = register_optimizer_step_pre_hook(before_step)
     try:
         train_xmdpt.train(cfg, tmp_path)
@@ -363,16 +384,22 @@ def test_ema_moves_towards_the_weights_by_one_minus_decay(synth, tmp_path):
 
 
 @pytest.mark.cuda
-def test_training_step_never_waits_for_the_device(synth, tmp_path):
+def test_training_step_never_waits_for_the_device(synth, tmp_path, monkeypatch):
     """After a warm-up step, a training step makes no synchronising CUDA call (torch's sync debug mode turns
     one into an error): losses stay on the device until a log row."""
-    cfg = tiny_config(synth, max_steps=3)
-    run = train_xmdpt.Run(cfg, tmp_path, None, 0, 1, torch.device("cuda"))
-    run.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    cfg = tiny_config(synth, max_steps=3, log_every=100, ckpt_every=100)
+    real, calls = XMDPTLoss.forward, []
+
+    def watched(self, *args):  # sync debug mode from the second step's objective to the third's
+        calls.append(1)
+        if len(calls) == 2:
+            torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if len(calls) == 2 else "default")
+        return real(self, *args)
+
+    monkeypatch.setattr(XMDPTLoss, "forward", watched)
     try:
-        run.train_step()
+        train_xmdpt.train(cfg, tmp_path)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert run.sums.first_bad_step(1) is None
+    assert len(calls) == 3

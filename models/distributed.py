@@ -1,17 +1,22 @@
-"""torchrun: this process's place in a run across processes (GPUs, or machines), shared by training and
-inference. One process needs no process group."""
+"""Where the code runs: the default device, and this process's place in a run across processes (GPUs, or
+machines) under torchrun. Training and inference both start here; one process needs no process group."""
 import os
 
 import torch
 import torch.distributed as dist
 
 
+def default_device():
+    """cuda when a GPU is there, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def setup_distributed():
     """(rank, world size, device): under torchrun (WORLD_SIZE > 1) the process group is made, NCCL with one GPU
-    per process when there are GPUs, gloo on CPUs."""
+    per process when there are GPUs, gloo on CPUs, and each process takes the GPU of its local rank."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, default_device()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -27,5 +32,6 @@ def barrier():
 
 
 def teardown():
+    """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
