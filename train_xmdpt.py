@@ -5,7 +5,12 @@
 
 A step: a batch, its model inputs (the frozen encoders on the pixels, or a feature cache's entries), the
 objective (models/objective.py), backward, clipping, the optimizer step and the EMA. The run directory holds
-log.csv, TensorBoard events, sample grids and checkpoints; --resume continues from the newest one exactly.
+log.csv, TensorBoard events, sample grids and checkpoints (data/checkpoints.py); --resume continues from the
+newest one exactly.
+
+Ctrl-C, SIGTERM and SIGUSR1 stop the run at the end of the step in progress, with a checkpoint: exit status 130
+after Ctrl-C, 75 after SIGTERM or SIGUSR1 (a cluster's preemption: resubmit with --resume). A second Ctrl-C
+stops at once, without saving.
 """
 import argparse
 import contextlib
@@ -25,32 +30,37 @@ from tqdm.auto import tqdm
 
 from configs import load_config, model_config
 from data.cache import CachedPairs, FeatureCache, encoder_signature
+from data.checkpoints import discard_staged, newest_checkpoint, save_checkpoint
 from data.deepfashion import PairDataset
 from data.errors import InputError, OutputExistsError, reported
-from data.files import atomic_path
 from data.sampler import ResumableSampler, SeededDataset, item_seed
 from inference.pipeline import Pipeline, encode_pairs
 from models import XMDPT, Diffusion
 from models.checkpoint import read_checkpoint
-from models.distributed import setup_distributed, teardown
+from models.distributed import STOP_SIGNALS, StopSignals, barrier, ignore_stop_signals, setup_distributed, teardown
 from models.encoders import build_encoders
 from models.objective import XMDPTLoss
 
 # Keys that may change between a run and its resumption.
-RUN_KEYS = {"max_steps", "ckpt_every", "log_every", "sample_every", "workers"}
+RUN_KEYS = {"max_steps", "ckpt_every", "log_every", "sample_every", "workers", "keep_last", "keep_every"}
+PROGRAM = "train_xmdpt.py"
 
 
 def train(cfg, out, resume=False):
     """Train as `cfg` says into the run directory `out` (with `resume`, from its newest checkpoint); returns the
     trained model and its EMA."""
-    tc, out = cfg["train"], Path(out)
+    tc, out, log = cfg["train"], Path(out), None
     rank, world, device = setup_distributed()
     try:
         # ------------------------------------------------------------------------------------------ setup
         if tc["global_batch"] % (world * tc["grad_accum"]):
             raise InputError(f"train.global_batch {tc['global_batch']} must be divisible by processes x "
                              f"grad_accum = {world} x {tc['grad_accum']}")
+        if not (isinstance(tc["keep_last"], int) and tc["keep_last"] >= 1):
+            raise InputError(f"train.keep_last must be a whole number >= 1, got {tc['keep_last']!r}")
         checkpoint = checkpoint_to_resume(cfg, out, resume, rank)
+        if rank == 0:
+            discard_staged(out)  # what a run killed in the middle of a save left behind
         torch.manual_seed(tc["seed"] + rank)
         np.random.seed(tc["seed"] + rank)
         random.seed(tc["seed"] + rank)
@@ -78,30 +88,44 @@ def train(cfg, out, resume=False):
         opt = torch.optim.AdamW(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
 
         # ----------------------------------------------------------------------------------------- resume
-        step = 0
+        step, sums = 0, LossSums(device)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             ema.load_state_dict(checkpoint["ema"])
             opt.load_state_dict(checkpoint["opt"])
             step = checkpoint["step"]
-            states = checkpoint["rng"]
-            set_rng_state(states[rank] if len(states) == world else states[0])
+            processes = checkpoint.get("process") or [{"rng": state} for state in checkpoint["rng"]]  # or older
+            process = processes[rank if len(processes) == world else 0]
+            set_rng_state(process["rng"])
+            if "log_sums" in process:
+                sums.load(process["log_sums"])
         micro = tc["global_batch"] // (world * tc["grad_accum"])
         sampler = ResumableSampler(len(train_set), tc["global_batch"], tc["seed"], rank, world,
                                    start=step * tc["global_batch"])
         batches = iter(DataLoader(SeededDataset(train_set), batch_size=micro, sampler=sampler,
                                   num_workers=cfg["data"]["workers"], pin_memory=device.type == "cuda",
-                                  generator=torch.Generator()))
+                                  generator=torch.Generator(), worker_init_fn=ignore_stop_signals))
         log = Log(out, objective.terms, step) if rank == 0 else None
-        sums = LossSums(device)
 
         def save():
+            """The checkpoint of this step, with every process's random states and unlogged loss sums."""
             sums.check_finite(world, out)
-            save_checkpoint(out, step, model, ema, opt, cfg, world, rank)
+            processes = [{"rng": rng_state(), "log_sums": sums.state()}]
+            if world > 1:
+                processes = [None] * world
+                dist.all_gather_object(processes, {"rng": rng_state(), "log_sums": sums.state()})
+            if rank == 0:
+                save_checkpoint(out, step, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                            "opt": opt.state_dict(), "step": step,
+                                            "model_config": asdict(model.config), "run_config": cfg,
+                                            "process": processes}, tc["keep_last"], tc["keep_every"])
+            barrier()  # no process leaves before the checkpoint is written
+            return step
 
         # ------------------------------------------------------------------------------------------- loop
-        bar = tqdm(total=tc["max_steps"], initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-        try:
+        saved = step
+        with StopSignals(world) as stop, tqdm(total=tc["max_steps"], initial=step, disable=rank != 0, desc="train",
+                                             dynamic_ncols=True) as bar:
             while step < tc["max_steps"]:
                 opt.zero_grad(set_to_none=True)
                 for micro_step in range(tc["grad_accum"]):
@@ -126,21 +150,26 @@ def train(cfg, out, resume=False):
                         log.write(step, means, opt.param_groups[0]["lr"], rate)
                         bar.set_postfix(loss=f"{means['total']:.4f}")
                 if step % tc["ckpt_every"] == 0 or step == tc["max_steps"]:
-                    save()
+                    saved = save()
                 if samples is not None and step % tc["sample_every"] == 0:
                     write_samples(out, step, Pipeline(ema, encoders, cfg["data"]["size"], cfg["sample"], device),
                                   samples, log)
-        except KeyboardInterrupt:
-            save()
-            if rank == 0:
-                print(f"\ninterrupted: saved the checkpoint of step {step} in {out / 'checkpoints'}", file=sys.stderr)
-            raise SystemExit(130)
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
+                signal = stop.requested()
+                if signal is not None:
+                    saved = save() if saved != step else saved
+                    bar.close()  # so that the message below stands on a line of its own
+                    if rank == 0:
+                        print(f"{PROGRAM}: stopped by {signal.name} at step {step}, with its checkpoint "
+                              f"{newest_checkpoint(out)}; continue with --resume", file=sys.stderr)
+                    raise SystemExit(STOP_SIGNALS[signal])
         return model, ema
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"{PROGRAM}: stopped at once, without saving; the newest checkpoint is "
+              f"{newest_checkpoint(out) or 'none'}", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
+        if log is not None:
+            log.close()
         teardown()
 
 
@@ -183,12 +212,6 @@ def write_samples(out, step, pipe, samples, log):
 
 # ----------------------------------------------------------------------------------------- checkpoints
 
-def newest_checkpoint(out):
-    """The path of the newest checkpoint in `out`/checkpoints, or None."""
-    ckpts = sorted((Path(out) / "checkpoints").glob("*.pt"))
-    return ckpts[-1] if ckpts else None
-
-
 def checkpoint_to_resume(cfg, out, resume, rank):
     """The contents of the newest checkpoint in `out` when resuming (refused if it holds another config), else
     None (refused if `out` already holds checkpoints)."""
@@ -218,20 +241,6 @@ def config_differences(saved, current, prefix=""):
         elif a != b:
             diffs.append(f"{prefix}{key}: {a!r} in the run, {b!r} now")
     return diffs
-
-
-def save_checkpoint(out, step, model, ema, opt, cfg, world, rank):
-    """Write `checkpoints/{step:07d}.pt` atomically: the weights, the EMA, the optimizer, the configs and every
-    process's random states."""
-    states = [rng_state()]
-    if world > 1:
-        states = [None] * world
-        dist.all_gather_object(states, rng_state())
-    if rank == 0:
-        contents = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "model_config": asdict(model.config), "run_config": cfg, "rng": states}
-        with atomic_path(Path(out) / "checkpoints" / f"{step:07d}.pt") as staged:
-            torch.save(contents, staged)
 
 
 def rng_state():
@@ -283,6 +292,16 @@ class LossSums:
             last = newest_checkpoint(out)
             raise FloatingPointError(f"non-finite loss at step {first.item()}; stopping. The last good checkpoint "
                                      f"is {last or 'none (no checkpoint written yet)'}")
+
+    def state(self):
+        """The sums not yet logged, to resume with (a checkpoint between log rows keeps them)."""
+        return {"sums": {name: value.cpu() for name, value in self.sums.items()}, "count": self.count,
+                "first_bad": self.first_bad.cpu()}
+
+    def load(self, state):
+        """Take up the sums a checkpoint kept."""
+        self.sums = {name: value.to(self.device) for name, value in state["sums"].items()}
+        self.count, self.first_bad = state["count"], state["first_bad"].to(self.device)
 
     def take(self, world):
         """(mean of each term over the steps since the last call and over the processes, steps per second)."""

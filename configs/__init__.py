@@ -25,7 +25,7 @@ SCHEMA = {
     "encoders": {"pose", "image", "first_stage"},
     "data": {"root", "size", "scale_jitter", "cache", "workers"},
     "train": {"global_batch", "lr", "weight_decay", "ema", "grad_accum", "grad_clip", "max_steps",
-              "ckpt_every", "log_every", "sample_every", "seed", "mixed_precision"},
+              "ckpt_every", "keep_last", "keep_every", "log_every", "sample_every", "seed", "mixed_precision"},
     "sample": {"steps", "cfg_scale", "scale_pow", "clip_denoised", "num_pairs"},
 }
 
@@ -122,7 +122,8 @@ def model_config(cfg):
     if size % downsample:
         raise InputError(f"data.size {size} is not a multiple of {downsample}, the downsampling of "
                          f"encoders.first_stage ({first_stage['type']})")
-    stage = f"data.size {size} through encoders.first_stage ({first_stage['type']}: {downsample}x down, {channels} channels)"
+    stage = (f"data.size {size} through encoders.first_stage ({first_stage['type']}: {downsample}x down, "
+             f"{channels} channels)")
     pose, image = cfg["encoders"]["pose"]["dinov2"], cfg["encoders"]["image"]["dinov2"]
     derived = {"pose_dim": (dinov2_width(pose), f"encoders.pose.dinov2 {pose}"),
                "image_dim": (dinov2_width(image), f"encoders.image.dinov2 {image}"),

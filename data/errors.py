@@ -29,6 +29,10 @@ class OutputExistsError(UserError, FileExistsError):
     """An output that is already there and would be overwritten."""
 
 
+class OutOfSpaceError(UserError, OSError):
+    """A disk without room for what is about to be written; the message gives the bytes needed and free."""
+
+
 class MissingPackageError(UserError, ImportError):
     """An optional package that is not installed, or not usable; the message says what to install."""
 

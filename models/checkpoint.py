@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from data.errors import InputError, MissingFileError
 from data.files import atomic_path
@@ -102,25 +104,29 @@ class Checkpoint:
 
 
 def _load_file(path):
-    """A checkpoint file or folder as (tensors or checkpoint dict, config dict or None)."""
+    """A checkpoint file or folder as (tensors or checkpoint dict, config dict or None). A file that cannot be
+    read to its end (cut short by an interrupted copy, or damaged) is an InputError that names it."""
     path = Path(path)
     if path.is_dir():
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise MissingFileError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    try:
+        if path.suffix != ".safetensors":
+            return torch.load(path, map_location="cpu", weights_only=True), None
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        beside = path.with_name(CONFIG_NAME)
-        config = json.loads(meta["config"]) if "config" in meta else \
-            json.loads(beside.read_text()) if beside.is_file() else None
-        return load_file(str(path)), config
+        tensors = load_file(str(path))
+    except Exception as e:  # zipfile, pickle, torch and safetensors (Rust) each raise their own kind
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"checkpoint {path} is incomplete or corrupt ({first_line})") from e
+    beside = path.with_name(CONFIG_NAME)
+    text, source = (meta["config"], f"{path}'s metadata") if "config" in meta else \
+        (beside.read_text(), str(beside)) if beside.is_file() else (None, None)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), None
-    except Exception as e:
-        raise InputError(f"cannot read checkpoint {path}: {e}") from e
+        return tensors, json.loads(text) if text is not None else None
+    except json.JSONDecodeError as e:
+        raise InputError(f"the config in {source} is incomplete or corrupt (not valid JSON: {e})") from None
 
 
 def read_checkpoint(src, use_ema=True):
@@ -186,6 +192,6 @@ def export(model, path, inference_only=True, dtype=torch.float32):
         out = XMDPT(config)  # no memory, no random numbers: the weights are assigned below
     weights = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if k in out.state_dict()}
     out.load_state_dict(weights, assign=True)
-    with atomic_path(path) as staged:
+    with atomic_path(path, durable=True) as staged:
         out.save_pretrained(staged)
     return Path(path)

@@ -36,7 +36,7 @@ def split_images(root, size, split="train"):
 
 def save_atomically(vae, out):
     """save_pretrained into a folder beside `out`, then renamed into place."""
-    with atomic_path(out) as staged:
+    with atomic_path(out, durable=True) as staged:
         vae.save_pretrained(staged)
 
 

@@ -78,7 +78,8 @@ def test_the_latent_grid_follows_the_image_size_and_the_first_stage():
         model_config(load_config(CONFIGS / path, list(overrides))))
     assert grid("xmdpt_s.yaml") == (32, 4) and grid("xmdpt_s.yaml", "data.size=512") == (64, 4)
     assert grid("xmdpt_l_512.yaml") == (64, 4) and grid("demo.yaml") == (32, 3)
-    small_vae = "encoders.first_stage={type: vae, path: null, random: {block_out_channels: [32, 64], latent_channels: 2}}"
+    small_vae = ("encoders.first_stage={type: vae, path: null, random: {block_out_channels: [32, 64], "
+                 "latent_channels: 2}}")
     assert grid("xmdpt_s.yaml", small_vae) == (128, 2)
     assert grid("xmdpt_s.yaml", "encoders.first_stage.downsample=16", "encoders.first_stage.latent_channels=16") \
         == (16, 16)

@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from data.photo import _pose_solution, frame_photo, read_photo
 from data.pose import load_keypoints
 from data.synthetic import make_synthetic
 from inference import Pipeline
-from models import XMDPT, export
+from models import XMDPT, export, load_checkpoint
 from models.encoders import build_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,6 +239,28 @@ def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup,
     with pytest.raises(ValueError, match=difference):
         infer_xmdpt.main(["--config", str(tmp_path / "other.yaml"), "--ckpt", str(tmp / "tiny"),
                           "--out", str(tmp_path / "out"), "--debug"])
+
+
+@pytest.mark.parametrize("damage", ["weights cut short", "config cut short", "training checkpoint cut short"])
+def test_an_incomplete_checkpoint_ends_in_one_line(setup, tmp_path, damage):
+    """An export folder whose model.safetensors or config.json an interrupted copy cut short, or a cut training
+    checkpoint: infer_xmdpt.py, run as a user runs it, ends with one line naming the file, and exit status 2."""
+    tmp, cfg = setup
+    ckpt = tmp_path / "tiny"
+    shutil.copytree(tmp / "tiny", ckpt)
+    if damage == "training checkpoint cut short":
+        model = load_checkpoint(ckpt)
+        torch.save({"model": model.state_dict(), "ema": model.state_dict(), "model_config": dict(model.config)},
+                   tmp_path / "run.pt")
+        ckpt = cut = tmp_path / "run.pt"
+    else:
+        cut = ckpt / ("model.safetensors" if damage == "weights cut short" else "config.json")
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    result = subprocess.run([sys.executable, "infer_xmdpt.py", "--config", str(tmp / "cfg.yaml"), "--ckpt", str(ckpt),
+                             "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert re.fullmatch(rf"infer_xmdpt.py: error: (checkpoint|the config in) {cut} is incomplete or corrupt \(.+\)\n",
+                        result.stderr), result.stderr
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
 """Training: the demo config learns, resumes exactly, uses the feature cache, runs on 2 processes."""
 import csv
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +143,7 @@ def test_logs_checkpoints_and_samples(synth, tmp_path):
     assert (tmp_path / "samples" / "0000004.png").is_file()
     assert list((tmp_path / "tensorboard").iterdir())
     ckpt = torch.load(tmp_path / "checkpoints" / "0000004.pt", weights_only=True)
-    assert ckpt["step"] == 4 and set(ckpt) == {"model", "ema", "opt", "step", "model_config", "run_config", "rng"}
+    assert ckpt["step"] == 4 and set(ckpt) == {"model", "ema", "opt", "step", "model_config", "run_config", "process"}
     assert load_checkpoint(tmp_path / "checkpoints" / "0000004.pt").config == XMDPTConfig(**ckpt["model_config"])
     with pytest.raises(FileExistsError, match="--resume"):
         train_xmdpt.train(cfg, tmp_path)
@@ -189,12 +192,203 @@ def test_nan_loss_between_log_rows_names_its_step(synth, tmp_path, monkeypatch):
     assert read_log(tmp_path) == [] and not list((tmp_path / "checkpoints").iterdir())
 
 
-def test_ctrl_c_writes_a_checkpoint(synth, tmp_path, monkeypatch):
+def signal_at_call(monkeypatch, n, *signals):
+    """Send this process `signals` (one after the other) from inside the n-th objective call, mid-step."""
+    real, calls = XMDPTLoss.forward, []
+
+    def patched(self, *args):
+        calls.append(1)
+        if len(calls) == n:
+            for s in signals:
+                os.kill(os.getpid(), s)
+        return real(self, *args)
+
+    monkeypatch.setattr(XMDPTLoss, "forward", patched)
+
+
+def last_line(text):
+    """The last line a run printed (after tqdm's bar)."""
+    return text.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def steps_saved(out):
+    return [int(p.stem) for p in sorted((Path(out) / "checkpoints").glob("*.pt"))]
+
+
+def test_ctrl_c_finishes_the_step_and_saves_it_a_second_stops_at_once(synth, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of step 3 lets the step finish, saves its checkpoint, says so in one line and exits
+    with 130 (the kill test shows it resumes exactly). Two Ctrl-C stop at once: no checkpoint, exit 130."""
     cfg = tiny_config(synth, max_steps=10, ckpt_every=100, log_every=100)
-    fail_at_call(monkeypatch, 3, KeyboardInterrupt)
-    with pytest.raises(SystemExit):
+    signal_at_call(monkeypatch, 3, signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
         train_xmdpt.train(cfg, tmp_path)
-    assert torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)["step"] == 2
+    assert stopped.value.code == 130 and steps_saved(tmp_path) == [3]
+    assert torch.load(tmp_path / "checkpoints" / "0000003.pt", weights_only=True)["step"] == 3
+    assert re.fullmatch(r"train_xmdpt.py: stopped by SIGINT at step 3, with its checkpoint \S*0000003.pt; continue "
+                        r"with --resume", last_line(capsys.readouterr().err))
+    signal_at_call(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        train_xmdpt.train(cfg, tmp_path, resume=True)
+    assert stopped.value.code == 130 and steps_saved(tmp_path) == [3]
+    assert "stopped at once, without saving; the newest checkpoint is" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75)])
+def test_preemption_signals_save_and_exit_for_a_requeue(synth, tmp_path, monkeypatch, capsys, signum, status):
+    cfg = tiny_config(synth, max_steps=10, ckpt_every=2, log_every=100)
+    signal_at_call(monkeypatch, 4, signum)
+    with pytest.raises(SystemExit) as stopped:
+        train_xmdpt.train(cfg, tmp_path)
+    assert stopped.value.code == status and steps_saved(tmp_path) == [2, 4]
+    assert f"stopped by {signal.Signals(signum).name} at step 4" in capsys.readouterr().err
+
+
+# ---- a real training process, killed -------------------------------------------------------------------------
+
+KILL_STEPS = 16
+EXIT_STATUS = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 75}
+
+
+def logged_steps(out):
+    path = Path(out) / "log.csv"
+    return [int(r["step"]) for r in read_log(out)] if path.is_file() else []
+
+
+def staged_files(out):
+    return sorted(p.name for p in (Path(out) / "checkpoints").glob(".*"))
+
+
+def kill_and_resume(cfg_path, out, signum, rng, kills):
+    """Run train_xmdpt.py on `cfg_path` as a user does, and `kills` times: wait until it has trained a step past
+    its checkpoint, then send `signum` at a moment drawn from `rng`, either some time into the steps that
+    follow or the moment a checkpoint is being written; then resume it (--resume) and let it finish. Returns,
+    for each kill, (where it was aimed, the last step logged, the step resumed from, the staged files it left)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "train_xmdpt.py", "--config", str(cfg_path), "--out", str(out), "--resume"]
+    records = []
+    for kill in range(kills + 1):
+        checkpoints = steps_saved(out)
+        resumed_from = checkpoints[-1] if checkpoints else 0
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if kill == kills:
+            assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+            break
+        deadline = time.time() + 120
+        while not [s for s in logged_steps(out) if s > resumed_from] and proc.poll() is None:
+            assert time.time() < deadline, "the run made no progress"
+            time.sleep(0.01)
+        aim = rng.choice(["mid-step", "mid-save"])
+        if aim == "mid-step":
+            time.sleep(rng.uniform(0, 0.3))
+        else:
+            while not staged_files(out) and proc.poll() is None:
+                time.sleep(0.001)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        os.kill(proc.pid, signum)
+        status = proc.wait(timeout=120)
+        assert status == EXIT_STATUS[signum], proc.stderr.read()[-3000:]
+        left = staged_files(out)
+        resumable = steps_saved(out)[-1] if steps_saved(out) else 0
+        records.append((aim, logged_steps(out)[-1], resumable, left))
+    return records
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth, tmp_path_factory):
+    """The tiny config's runs, never interrupted, per seed: (config file, run directory)."""
+    runs = {}
+    for seed in (0, 1):
+        folder = tmp_path_factory.mktemp(f"uninterrupted{seed}")
+        cfg = tiny_config(synth, max_steps=KILL_STEPS, ckpt_every=1, log_every=1, keep_last=2, seed=seed)
+        (folder / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        subprocess.run([sys.executable, "train_xmdpt.py", "--config", str(folder / "cfg.yaml"), "--out",
+                        str(folder / "run")], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
+                       check=True, capture_output=True)
+        runs[seed] = folder / "cfg.yaml", folder / "run"
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGKILL", "SIGINT", "SIGTERM"])
+def test_a_killed_run_resumed_ends_as_one_never_killed(uninterrupted, tmp_path, signum):
+    """A real training process (one thread), killed twice per run at random moments, mid-step and mid-save (a
+    checkpoint every step), for two seeds; resumed each time. At the end its model and EMA weights equal the
+    uninterrupted run's bit for bit, and so does every log row; no staged file is left, and every checkpoint on
+    disk loads. After SIGINT and SIGTERM no step is repeated: the checkpoint is the step that was running."""
+    report = []
+    for seed, (cfg_path, reference) in uninterrupted.items():
+        out = tmp_path / f"run{seed}"
+        records = kill_and_resume(cfg_path, out, signum, random.Random(seed + 10 * signum), kills=2)
+        final = f"checkpoints/{KILL_STEPS:07d}.pt"
+        got, want = (torch.load(run / final, weights_only=True) for run in (out, reference))
+        largest = max((got[part][k] - want[part][k]).abs().max().item() for part in ("model", "ema")
+                      for k in want[part])
+        assert largest == 0.0
+        assert all(torch.equal(got[part][k], want[part][k]) for part in ("model", "ema") for k in want[part])
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
+        assert strip(read_log(out)) == strip(read_log(reference))
+        assert staged_files(out) == [] and not list(out.rglob("*.partial"))
+        for step in steps_saved(out):
+            assert load_checkpoint(out / "checkpoints" / f"{step:07d}.pt") is not None
+        repeated = [logged - resumable for _, logged, resumable, _ in records]
+        if signum != signal.SIGKILL:
+            assert repeated == [0] * len(records) and all(not left for *_, left in records)
+        report.append((seed, records, repeated, largest))
+    print(f"\n{signal.Signals(signum).name}: " + "; ".join(
+        f"seed {seed}: kills {[aim for aim, *_ in records]}, staged files left by the kill "
+        f"{sum(bool(left) for *_, left in records)}, steps repeated {repeated}, largest weight difference {largest}"
+        for seed, records, repeated, largest in report))
+
+
+def test_checkpoints_kept_are_the_newest_and_the_milestones(synth, tmp_path):
+    """train.keep_last=2, train.keep_every=20, a checkpoint every 5 steps for 60 steps: 20, 40, 55 and 60 are
+    left; each loads."""
+    cfg = tiny_config(synth, max_steps=60, ckpt_every=5, log_every=60, keep_last=2, keep_every=20)
+    train_xmdpt.train(cfg, tmp_path)
+    assert steps_saved(tmp_path) == [20, 40, 55, 60]
+    for step in steps_saved(tmp_path):
+        assert load_checkpoint(tmp_path / "checkpoints" / f"{step:07d}.pt").config == model_config(cfg)
+
+
+def test_a_checkpoint_that_will_not_fit_stops_the_run_and_keeps_the_last_good_one(synth, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The free space is checked before each save: with room for two checkpoints only, the third stops the run
+    with one line naming the folder, the bytes needed and free, and the last good checkpoint; nothing is lost."""
+    cfg = tiny_config(synth, max_steps=10, ckpt_every=1, log_every=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    real, checks = shutil.disk_usage, []
+
+    def two_checkpoints_of_room(path):
+        checks.append(path)
+        usage = real(path)
+        return usage._replace(free=usage.free if len(checks) <= 2 else 4096)
+
+    monkeypatch.setattr("data.checkpoints.shutil.disk_usage", two_checkpoints_of_room)
+    with pytest.raises(SystemExit) as stopped:
+        train_xmdpt.main(["--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")])
+    assert stopped.value.code == 2 and steps_saved(tmp_path / "run") == [1, 2]
+    folder = tmp_path / "run" / "checkpoints"
+    assert re.fullmatch(rf"train_xmdpt.py: error: no room in {folder} for the checkpoint of step 3: it needs "
+                        rf"[0-9,]+ bytes and 4,096 are free; stopping, with the last good checkpoint kept "
+                        rf"\({folder}/0000002.pt\)\. .*--resume", last_line(capsys.readouterr().err))
+    assert not list(folder.glob(".*")) and load_checkpoint(folder / "0000002.pt")
+
+
+def test_a_truncated_checkpoint_ends_resume_in_one_line(synth, tmp_path, capsys):
+    cfg = tiny_config(synth, max_steps=2, ckpt_every=1, log_every=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    train_xmdpt.main(["--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")])
+    newest = tmp_path / "run" / "checkpoints" / "0000002.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        train_xmdpt.main(["--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--resume",
+                          "--max-steps", "3"])
+    assert stopped.value.code == 2
+    assert re.fullmatch(rf"train_xmdpt.py: error: checkpoint {newest} is incomplete or corrupt \(.*\)\n",
+                        capsys.readouterr().err)
 
 
 def test_clear_errors_before_training(synth, tmp_path):
@@ -228,7 +422,42 @@ def test_two_processes_with_gloo(synth, tmp_path):
     assert [r["step"] for r in rows] == ["1", "2", "3"]
     assert all(np.isfinite(float(r["total"])) for r in rows)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
-    assert len(ckpt["rng"]) == 2
+    assert len(ckpt["process"]) == 2
+
+
+def child_of_rank(parent, rank):
+    """The pid of the process torchrun (`parent`) started for `rank`, read from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent and \
+                    f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                return int(stat.parent.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    raise AssertionError(f"no process of rank {rank} under {parent}")
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_stops_at_the_same_step(synth, tmp_path):
+    """SIGUSR1 to one of two processes (as a cluster may deliver it): both stop after the same step, and its
+    checkpoint holds both processes' states."""
+    cfg = tiny_config(synth, max_steps=500, ckpt_every=1000, log_every=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_xmdpt.py"), "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(logged_steps(tmp_path / "run")) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.poll() else ""
+        time.sleep(0.05)
+    os.kill(child_of_rank(proc.pid, 1), signal.SIGUSR1)
+    proc.wait(timeout=120)
+    err = proc.stderr.read()
+    (step,) = steps_saved(tmp_path / "run")
+    assert f"stopped by SIGUSR1 at step {step}, with its checkpoint" in err and step < 500
+    assert logged_steps(tmp_path / "run")[-1] == step
+    assert len(torch.load(tmp_path / "run" / "checkpoints" / f"{step:07d}.pt", weights_only=True)["process"]) == 2
 
 
 def test_run_train_sh_trains_as_a_user_types_it(synth, tmp_path):
