@@ -18,7 +18,8 @@ from data.errors import InputError, UserError, one_line, reported
 from data.images import to_uint8
 from data.photo import FRAMINGS, frame_photo
 from data.pose import draw_skeleton, to_image_coords
-from inference.pipeline import DEMO_CONFIG, SAMPLERS, Pipeline, add_model_arguments, model_files
+from inference.pipeline import (DEMO_CHECKPOINT, DEMO_CONFIG, FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, SAMPLERS,
+                                Pipeline, add_model_arguments, model_files)
 from inference.poses import VIEW_SIZE, pose_from_file, pose_from_photo, pose_overlay
 from models.distributed import default_device
 
@@ -30,6 +31,13 @@ CSS = "#framed img, #generated img {width: 100%; height: 100%; object-fit: conta
 DEMO_NOTE = ("This is the bundled demo model. It has only ever seen the small synthetic figures of the demo "
              "set, at 32x32 pixels, so real photos give rough results. Start the app with `--config` and "
              "`--ckpt` to use a released X-MDPT model.")
+# The bundled models, when the app serves the demo: the demo model and its distilled student.
+DEMO_MODELS = {"demo (50 steps)": (DEMO_CONFIG, DEMO_CHECKPOINT), "fast (4 steps)": (FAST_DEMO_CONFIG,
+                                                                                      FAST_DEMO_CHECKPOINT)}
+FAST_NOTE = ("**fast (4 steps)** is the demo model distilled into a consistency model: 4 network evaluations per "
+             "image instead of 100, so it samples far faster, at the price of a little detail (docs/demo.md "
+             "gives the measurements).")
+OWN = "its own"  # the sampler and steps of the chosen model: ddim and 50, or lcm and 4 for a consistency model
 
 
 def skeleton_view(keypoints):
@@ -38,7 +46,7 @@ def skeleton_view(keypoints):
     return to_uint8(draw_skeleton(to_image_coords(keypoints, size), size) * 2 - 1)
 
 
-def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler="ddim", steps=None,
+def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler=None, steps=None,
              cfg_scale=None, scale_pow=None, seed=0, framing="person", progress=False):
     """The page's one action. -> uint8 images: the source framed as the model sees it, the source photo with
     its skeleton, the pose photo with its skeleton (None unless the pose came from a photo), the target
@@ -64,15 +72,17 @@ def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler
             skeleton_view(keypoints), to_uint8(image))
 
 
-def build(pipe, demo=False):
-    """The page (a gr.Blocks) around a loaded pipeline."""
-    defaults = pipe.sample_defaults
+def build(pipes, demo=False):
+    """The page (a gr.Blocks) around loaded pipelines, by name: the first is the default, and with several the
+    page offers the choice."""
+    first = next(iter(pipes.values()))
+    defaults = first.sample_defaults
 
-    def run(source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed, framing,
+    def run(name, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed, framing,
             progress=gr.Progress(track_tqdm=True)):
         try:
-            return transfer(pipe, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow,
-                            seed, framing, progress=True)
+            return transfer(pipes[name], source, mode, pose_rgb, pose_path, index, None if sampler == OWN else sampler,
+                            steps, cfg_scale, scale_pow, seed, framing, progress=True)
         except UserError as e:
             raise gr.Error(one_line(e)) from None
 
@@ -83,8 +93,11 @@ def build(pipe, demo=False):
         return event.index
 
     with gr.Blocks(title="X-MDPT", analytics_enabled=False) as page:
-        gr.Markdown(f"# X-MDPT: your photo, in a new pose\nModel: **{pipe.description}**." +
-                    (f"\n\n{DEMO_NOTE}" if demo else ""), elem_id="model")
+        gr.Markdown(f"# X-MDPT: your photo, in a new pose\nModel: **{first.description}**." +
+                    (f"\n\n{DEMO_NOTE}" if demo else "") + (f" {FAST_NOTE}" if len(pipes) > 1 else ""),
+                    elem_id="model")
+        model = gr.Radio(list(pipes), value=next(iter(pipes)), label="Model", visible=len(pipes) > 1,
+                         elem_id="model-choice")
         with gr.Row():
             source = gr.Image(type="numpy", sources=["upload"], format="png", label="Your photo (one person)",
                               elem_id="source")
@@ -98,8 +111,10 @@ def build(pipe, demo=False):
                 pose_path = gr.File(file_types=[".txt", ".json"], type="filepath", visible=False,
                                     label="Keypoint file (DeepFashion .txt or OpenPose .json)", elem_id="pose-file")
         with gr.Accordion("Advanced", open=False):
-            sampler = gr.Radio(list(SAMPLERS), value="ddim", label="Sampler (ddim: the released one)")
-            steps = gr.Slider(1, 200, value=defaults["steps"], step=1, label="Sampling steps")
+            sampler = gr.Radio([OWN, *SAMPLERS], value=OWN, label="Sampler (its own: ddim, the released one, or lcm "
+                               "for a consistency model)")
+            steps = gr.Slider(0, 200, value=0, step=1, label=f"Sampling steps (0: the model's own, "
+                              f"{' or '.join(str(p.sample_defaults['steps']) for p in pipes.values())})")
             cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1, label="Guidance scale")
             scale_pow = gr.Number(value=defaults["scale_pow"], label="Guidance power (power-cosine schedule)")
             seed = gr.Number(value=0, precision=0, label="Seed")
@@ -114,8 +129,8 @@ def build(pipe, demo=False):
         chosen = gr.State(0)
         gallery.select(selected, None, chosen)
         mode.change(show, mode, [gallery, pose_rgb, pose_path])
-        button.click(run, [source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow, seed,
-                           framing], outputs)
+        button.click(run, [model, source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow,
+                           seed, framing], outputs)
     return page
 
 
@@ -127,10 +142,12 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     args = p.parse_args(argv)
     config, checkpoint = model_files(p, args)
+    files = DEMO_MODELS if config == DEMO_CONFIG else {Path(str(checkpoint)).name: (config, checkpoint)}
     with reported("app.py"):
-        pipe = Pipeline.from_config(config, checkpoint, args.device or default_device())
+        pipes = {name: Pipeline.from_config(c, k, args.device or default_device(), args.compile)
+                 for name, (c, k) in files.items()}
     fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's: no font is fetched from the web
-    build(pipe, demo=config == DEMO_CONFIG).launch(
+    build(pipes, demo=config in (DEMO_CONFIG, FAST_DEMO_CONFIG)).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, css=CSS,
         theme=gr.themes.Default(font=fonts, font_mono=["ui-monospace", "monospace"]))
 

@@ -1,6 +1,7 @@
 """Generate people in new poses with X-MDPT.
 
   python infer_xmdpt.py                                   # the demo: bundled model, synthetic test pairs
+  python infer_xmdpt.py --fast                            # the same with the bundled 4-step model
   python infer_xmdpt.py --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s_ema_0.9999_300000.pt \\
       --data datasets/deepfashion --out outputs/xmdpt_s  # every DeepFashion test pair
   torchrun --nproc_per_node 4 infer_xmdpt.py --config ... --ckpt ... --data ... --out ...   # the same on 4 GPUs
@@ -86,13 +87,16 @@ def parse_args(argv=None):
     p.add_argument("--data", help="dataset root in the DeepFashion layout (default: the config's data.root)")
     p.add_argument("--out", default="outputs/demo", help="output directory")
     p.add_argument("--batch-size", type=int, default=16, help="pairs generated together")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the config's sample.steps, 50)")
+    p.add_argument("--steps", type=int,
+                   help="sampling steps (default: the config's sample.steps: 50, or 4 for the fast demo model)")
     p.add_argument("--cfg-scale", type=float,
                    help="classifier-free guidance scale s (default: the config's sample.cfg_scale, 2.0)")
     p.add_argument("--scale-pow", type=float,
                    help="power p of the power-cosine guidance schedule (default: the config's sample.scale_pow, 0.01)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim: the released DDIM (eta 0); dpm++: DPM-Solver++ (diffusers), good at ~20 steps")
+    p.add_argument("--sampler", choices=SAMPLERS,
+                   help="ddim: the released DDIM (eta 0); dpm++: DPM-Solver++ (diffusers), good at ~20 steps; lcm: "
+                        "the consistency sampler of a distilled model (1-8 steps, guidance folded in). Default: the "
+                        "model's own, lcm for a consistency model, else ddim")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     p.add_argument("--limit", type=int, help="generate only the first N test pairs")
     p.add_argument("--no-grids", action="store_true", help="do not write <out>/grids")
@@ -125,8 +129,9 @@ def run(args):
         if "synthetic" in cfg and args.data is None and rank == 0:
             ensure_demo_data(cfg)
         barrier()
-        pipe = Pipeline.from_config(cfg, args.ckpt, args.device or device)
-        settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow, sampler=args.sampler)
+        pipe = Pipeline.from_config(cfg, args.ckpt, args.device or device, args.compile)
+        settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow,
+                        sampler=pipe.sampler_for(args.sampler))
         if args.source:
             own_photo(args, pipe, Path(args.out), settings)
         else:

@@ -35,14 +35,14 @@ from data.deepfashion import PairDataset
 from data.errors import InputError, OutputExistsError, reported
 from data.sampler import ResumableSampler, SeededDataset, item_seed
 from inference.pipeline import Pipeline, encode_pairs
-from models import XMDPT, Diffusion
+from models import XMDPT
 from models.checkpoint import read_checkpoint
 from models.distributed import STOP_SIGNALS, StopSignals, barrier, ignore_stop_signals, setup_distributed, teardown
 from models.encoders import build_encoders
-from models.objective import XMDPTLoss
+from models.objective import build_objective
 
 # Keys that may change between a run and its resumption.
-RUN_KEYS = {"max_steps", "ckpt_every", "log_every", "sample_every", "workers", "keep_last", "keep_every"}
+RUN_KEYS = {"max_steps", "ckpt_every", "log_every", "sample_every", "workers", "keep_last", "keep_every", "compile"}
 PROGRAM = "train_xmdpt.py"
 
 
@@ -81,7 +81,9 @@ def train(cfg, out, resume=False):
         model = XMDPT(model_config(cfg)).to(device)
         ema = XMDPT(model.config).to(device).eval().requires_grad_(False)
         ema.load_state_dict(model.state_dict())
-        objective = XMDPTLoss(model, Diffusion())
+        objective = build_objective(cfg, model, ema)
+        if tc["compile"]:
+            model.compile_denoiser()
         step_objective = DistributedDataParallel(objective) if world > 1 else objective
 
         # -------------------------------------------------------------------------------------- optimizer
@@ -362,12 +364,14 @@ def parse_args(argv=None):
                         help="save a grid of EMA samples on fixed test pairs every N steps; 0 = never")
     parser.add_argument("--seed", type=int, help="seed of the data order, augmentation and noise (train.seed)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser (train.compile): faster steps once the first has compiled")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error in the input (a file, a key), not one line")
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.lr=5e-5 model.mask_ratio=0.5")
     args = parser.parse_args(argv)
     flags = {"max_steps": args.max_steps, "ckpt_every": args.ckpt_every, "log_every": args.log_every,
-             "sample_every": args.sample_every, "seed": args.seed}
+             "sample_every": args.sample_every, "seed": args.seed, "compile": args.compile or None}
     args.overrides = list(args.overrides) + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
     return args
 

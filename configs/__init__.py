@@ -25,9 +25,12 @@ SCHEMA = {
     "encoders": {"pose", "image", "first_stage"},
     "data": {"root", "size", "scale_jitter", "cache", "workers"},
     "train": {"global_batch", "lr", "weight_decay", "ema", "grad_accum", "grad_clip", "max_steps",
-              "ckpt_every", "keep_last", "keep_every", "log_every", "sample_every", "seed", "mixed_precision"},
+              "ckpt_every", "keep_last", "keep_every", "log_every", "sample_every", "seed", "mixed_precision",
+              "compile"},
     "sample": {"steps", "cfg_scale", "scale_pow", "clip_denoised", "num_pairs"},
 }
+# Sections a config may have: `distill` makes a training run distil its teacher into a consistency model.
+OPTIONAL = {"distill": {"teacher", "cfg_scale", "scale_pow", "loss", "huber_c"}}
 
 
 class _Loader(yaml.SafeLoader):
@@ -90,17 +93,28 @@ def load_config(path, overrides=()):
 
 
 def check_config(cfg, source="config"):
-    """Every section and key of SCHEMA is there, and the model section makes a valid XMDPTConfig."""
-    for section, keys in SCHEMA.items():
+    """Every section and key of SCHEMA is there (and of OPTIONAL, where the section is), and the model section
+    makes a valid XMDPTConfig: a consistency model exactly when the config distils one, and without MIPNet."""
+    for section, keys in [*SCHEMA.items(), *((s, k) for s, k in OPTIONAL.items() if s in cfg)]:
         if not isinstance(cfg.get(section), dict):
             raise InputError(f"{source}: missing section {section!r}")
-        missing = sorted(keys - set(cfg[section]))
+        missing, unknown = sorted(keys - set(cfg[section])), sorted(set(cfg[section]) - keys)
         if missing:
             raise InputError(f"{source}: missing keys in section {section!r}: {', '.join(missing)}")
+        if unknown and section in OPTIONAL:
+            raise InputError(f"{source}: unknown keys in section {section!r}: {', '.join(unknown)}")
     try:
-        model_config(cfg)
+        config = model_config(cfg)
     except (ValueError, TypeError) as e:
         raise InputError(f"{source}: {e}") from None
+    if "distill" in cfg and not (config.consistency and config.mipnet == "none"):
+        raise InputError(f"{source}: a config that distils (a distill section) trains a consistency model without "
+                         f"MIPNet: set model.consistency: true and model.mipnet: none")
+    if config.consistency and "distill" not in cfg:
+        raise InputError(f"{source}: model.consistency: true needs a distill section: a consistency model is "
+                         f"distilled from a diffusion model (configs/distill_demo.yaml)")
+    if "distill" in cfg and cfg["distill"]["loss"] not in ("huber", "l2"):
+        raise InputError(f"{source}: distill.loss must be huber or l2, got {cfg['distill']['loss']!r}")
 
 
 def model_config(cfg):

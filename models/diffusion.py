@@ -77,6 +77,14 @@ def prediction_of(model):
     return prediction
 
 
+def refuse_consistency_models(fn, sampler):
+    """A TypeError when `fn` is a consistency model's denoiser: it maps noise to data in one evaluation, and a
+    diffusion sampler's steps would misread it."""
+    if getattr(fn, "consistency", False):
+        raise TypeError(f"{sampler} samples diffusion models; this is a consistency model: sample it with "
+                        "models.consistency.consistency_sample")
+
+
 class Diffusion:
     """The 1000-step Gaussian diffusion with linear betas: its schedule (float64 arrays), the training losses
     and the samplers."""
@@ -117,6 +125,13 @@ class Diffusion:
     def predict_x0(self, x_t, t, eps):
         """The clean latents that x_t and its noise eps imply: (x_t - sqrt(1 - a) eps) / sqrt(a)."""
         return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def x0_from(self, pred, x_t, t, prediction):
+        """The clean estimate that the model's prediction (eps or v, the first output channels) implies."""
+        if prediction == "eps":
+            return self.predict_x0(x_t, t, pred)
+        a, s = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return a * x_t - s * pred
 
     def eps_from(self, pred, x_t, t, prediction):
         """eps from the model's prediction (the first output channels), eps or v."""
@@ -163,6 +178,19 @@ class Diffusion:
         mse = mean_flat((target - pred) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
+    def ddim_step(self, x, t, t_prev, pred, prediction, clip_denoised=False):
+        """One deterministic DDIM step (eta = 0) from x at timesteps t to t_prev (both (N,)), given the model's
+        prediction there (eps or v); a negative t_prev lands on alpha_bar = 1. clip_denoised clamps the x0
+        estimate to [-1, 1], and the step follows the eps that the clamped x0 implies."""
+        x0 = self.predict_x0(x, t, self.eps_from(pred, x, t, prediction))
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / \
+            self._at(self.sqrt_recipm1_alphas_cumprod, t, x)
+        alpha_bar_prev = torch.where((t_prev < 0).view(-1, *([1] * (x.ndim - 1))), 1.0,
+                                     self._at(self.alphas_cumprod, t_prev.clamp(min=0), x))
+        return x0 * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev).sqrt() * eps
+
     @torch.no_grad()
     def ddim_sample(self, model_fn, z, steps=50, progress=False, clip_denoised=False):
         """Deterministic DDIM (eta = 0) from noise z over `steps` kept timesteps; the last step lands on
@@ -170,25 +198,21 @@ class Diffusion:
         `prediction_of(model_fn)` says) in its first channels.
         clip_denoised clamps each x0 prediction to [-1, 1] (for pixel-space models; the released latent
         models sample without it)."""
+        refuse_consistency_models(model_fn, "DDIM")
         kept = sampling_timesteps(self.num_timesteps, steps)
         prediction = prediction_of(model_fn)
         x = z
-        channels = z.shape[1]
         for i in tqdm(range(steps - 1, -1, -1), disable=not progress, desc="DDIM"):
             t = torch.full((z.shape[0],), kept[i], dtype=torch.long, device=z.device)
-            eps = self.eps_from(model_fn(x, t)[:, :channels].to(x.dtype), x, t, prediction)
-            x0 = self.predict_x0(x, t, eps)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            eps = (self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - x0) / self._at(self.sqrt_recipm1_alphas_cumprod, t, x)
-            alpha_bar_prev = torch.full_like(x[:, :1, :1, :1], float(self.alphas_cumprod[kept[i - 1]]) if i > 0 else 1.0)
-            x = x0 * alpha_bar_prev.sqrt() + (1 - alpha_bar_prev).sqrt() * eps
+            t_prev = torch.full_like(t, kept[i - 1] if i > 0 else -1)
+            x = self.ddim_step(x, t, t_prev, model_fn(x, t)[:, :z.shape[1]].to(x.dtype), prediction, clip_denoised)
         return x
 
     @torch.no_grad()
     def dpm_solver_sample(self, model_fn, z, steps=20, progress=False):
         """DPM-Solver++ (2nd order, multistep) through diffusers' scheduler on this schedule."""
         from diffusers import DPMSolverMultistepScheduler
+        refuse_consistency_models(model_fn, "DPM-Solver++")
         scheduler = DPMSolverMultistepScheduler(num_train_timesteps=self.num_timesteps, trained_betas=self.betas,
                                                 prediction_type="epsilon", algorithm_type="dpmsolver++",
                                                 solver_order=2)

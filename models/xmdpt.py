@@ -40,6 +40,7 @@ class XMDPTConfig(Mapping):
     image_dim: int = 1536
     dino_tokens: int = 257  # DINOv2's CLS token and 16x16 patches at 224x224
     prediction: str = "eps"  # what the first output channels predict: eps (the released models) or v
+    consistency: bool = False  # a consistency model (models/consistency.py): guidance folded in, 1-8 steps
 
     def __post_init__(self):
         positive = [f.name for f in fields(self) if f.type in (int, float) and f.name not in
@@ -161,6 +162,11 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         return self.config.prediction
 
     @property
+    def consistency(self):
+        """Whether this is a consistency model, distilled to sample in a few steps (models/consistency.py)."""
+        return self.config.consistency
+
+    @property
     def num_patches(self):
         """L, the tokens of one latent: (input_size / patch_size)^2."""
         return self.tdnet.num_patches
@@ -225,6 +231,14 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         h = tdnet.decode(h, c)  # (N, L, D)
         return tdnet.head(h, c)  # (N, out_channels, H, W)
 
+    def compile_denoiser(self, **options):
+        """Compile `denoise` (TDNet and MIPNet, where nearly all the work is) with torch.compile, for the life of
+        this model: training and sampling both run through it. The first call of each kind (a training forward,
+        a sampling step) compiles, which takes seconds to minutes; later calls with the same shapes do not.
+        Returns the model."""
+        self.denoise = torch.compile(self.denoise, **options)
+        return self
+
     def guided(self, pose, image, source, cfg_scale=2.0, scale_pow=0.01):
         """A denoiser fn(x, t) -> (N, out_channels, H, W) with classifier-free guidance, for sampling.
 
@@ -243,7 +257,22 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
             scale = guidance_scale(t, cfg_scale, scale_pow).to(cond.dtype).view(-1, 1, 1, 1)
             return uncond + scale * (cond - uncond)
 
-        fn.prediction = c.prediction
+        fn.prediction, fn.consistency = c.prediction, c.consistency
+        return fn
+
+    def conditioned(self, pose, image, source):
+        """A denoiser fn(x, t) -> (N, out_channels, H, W) of the conditional forward alone, through TDNet only
+        with y computed once: how a consistency model, whose guidance is folded into its weights, samples.
+        fn.prediction and fn.consistency say what it is."""
+        self._check_condition(pose, image, source)
+        y = self.condition(pose, image, source)  # (N, D)
+        c = self.config
+
+        def fn(x, t):
+            _expect("x", x, (pose.shape[0], c.in_channels, c.input_size, c.input_size))
+            return self.denoise(x, t, y)
+
+        fn.prediction, fn.consistency = c.prediction, c.consistency
         return fn
 
     def forward_with_cfg(self, x, t, pose, image, source, cfg_scale=2.0, scale_pow=0.01):

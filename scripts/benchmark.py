@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -32,6 +34,7 @@ from inference import Pipeline
 from models import XMDPT, XMDPT_CONFIGS, Diffusion
 from models.distributed import default_device
 from models.encoders import DINOv2, Encoders, VAEFirstStage
+from models.consistency import ConsistencyDistillation
 from models.objective import XMDPTLoss
 from models.tdnet import modulate
 from models.xmdpt import guidance_scale
@@ -118,9 +121,11 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def encoders(device):
-    """DINOv2-B/14, DINOv2-G/14 and the SD VAE with random weights: the real networks' work."""
-    return Encoders(DINOv2("vitb14", "random"), DINOv2("vitg14", "random"), VAEFirstStage.from_config(SD_VAE)).to(device)
+def encoders(device, pose="vitb14", image="vitg14", vae=SD_VAE, depth=None):
+    """DINOv2-B/14, DINOv2-G/14 and the SD VAE with random weights, built on `device`: the real networks' work
+    (other variants, depths and VAE configs give small stand-ins)."""
+    with torch.device(device):
+        return Encoders(DINOv2(pose, "random", depth), DINOv2(image, "random", depth), VAEFirstStage.from_config(vae))
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -179,17 +184,31 @@ def count_training(name, batch):
                 "source path": image_work + pose_work + gflops(lambda: torch.no_grad()(source_path)())}
 
 
-def measure_training(name, batch, device, cached, repeats):
+def count_distillation(name, batch):
+    """GFLOP of one consistency distillation step (models/consistency.py): the teacher's guided forward of 2N,
+    the student's forward and backward, the target's forward; counted on the meta device."""
+    with torch.device("meta"):
+        teacher = XMDPT(XMDPT_CONFIGS[name], mipnet="none")
+        student = XMDPT(teacher.config, consistency=True)
+        objective = ConsistencyDistillation(student, XMDPT(student.config).requires_grad_(False), teacher,
+                                            Diffusion())
+        x, _, cond = random_inputs(student, batch, torch.device("meta"))
+        return gflops(lambda: objective(x, cond)["total"].backward())
+
+
+def measure_training(name, batch, device, cached, repeats, size=256, config=None, nets=None):
     """steps/s and peak memory of a training step as train_xmdpt.py runs it: the encoders' features of a
-    batch of pixels (or, with the cache, features ready), the objective, its backward, AdamW and the EMA."""
+    batch of size x size pixels (or, with the cache, features ready), the objective, its backward, AdamW and the
+    EMA. The model is the preset `name` at that size, or `config`; the encoders are the real ones, or `nets`."""
     device = torch.device(device)
-    model = XMDPT(XMDPT_CONFIGS[name]).to(device)
+    if nets is None:  # with the cache, a step needs only the first stage, as train_xmdpt.py keeps it
+        nets = Encoders(None, None, VAEFirstStage.from_config(SD_VAE)).to(device) if cached else encoders(device)
+    model = XMDPT(config or replace(XMDPT_CONFIGS[name], input_size=size // nets.first_stage.downsample)).to(device)
     objective = XMDPTLoss(model, Diffusion())
     ema = XMDPT(model.config).to(device).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    pixels = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
-    if cached:  # what a feature cache holds for the batch; only the first stage is built
-        nets = Encoders(None, None, VAEFirstStage.from_config(SD_VAE)).to(device)
+    pixels = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    if cached:  # what a feature cache holds for the batch: no encoder runs, the first stage samples latents
         c = model.config
         moments = lambda: torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
         batch_data = {"pose": torch.randn(batch, c.dino_tokens, c.pose_dim, device=device),
@@ -197,7 +216,6 @@ def measure_training(name, batch, device, cached, repeats):
                       "target_mean": moments(), "target_logvar": moments(), "source_mean": moments(),
                       "source_logvar": moments()}
     else:
-        nets = encoders(device)
         batch_data = {"target": pixels, "source": pixels, "target_skeleton": pixels * 0.5 + 0.5}
 
     def step():  # train_xmdpt.py's step
@@ -222,6 +240,7 @@ def bench_train(args):
         step = sum(v for k, v in work.items() if not k.startswith("released"))
         print(f"  {'ours without cache / with cache / released loop':60s} {step:12.0f} / "
               f"{work['model fwd+bwd (plain + masked)']:.0f} / {step + work[next(reversed(work))]:.0f}")
+        print(f"  {'a consistency distillation step (cached)':60s} {count_distillation(name, args.count_batch):12.0f}")
     print(f"\nmeasured on {args.device}, batch {args.batch}")
     print(f"{'model':12s} {'cache':6s} {'steps/s':>9s} {'samples/s':>10s} {'peak GiB':>9s}")
     for name in args.models:
@@ -234,14 +253,16 @@ def bench_train(args):
 
 # ----------------------------------------------------------------------------------------------- inference
 
-def measure_inference(name, batch, device, steps, repeats):
-    """images/s of each stage of the Pipeline (encode, denoise, decode) and of the whole, and peak memory."""
+def measure_inference(name, batch, device, steps, repeats, size=256, config=None, nets=None):
+    """images/s of each stage of the Pipeline (encode, denoise, decode) and of the whole, and peak memory. The
+    model is the preset `name`, or `config`; the encoders the real ones, or `nets`."""
     device = torch.device(device)
-    model = XMDPT(XMDPT_CONFIGS[name], mipnet="none")
-    pipe = Pipeline(model, encoders(device), 256, dict(steps=steps, cfg_scale=2.0, scale_pow=0.01,
-                                                       clip_denoised=False), device)
-    sources = torch.rand(batch, 3, 256, 256) * 2 - 1
-    skeletons = torch.rand(batch, 3, 256, 256)
+    nets = nets or encoders(device)
+    model = XMDPT(config or replace(XMDPT_CONFIGS[name], input_size=size // nets.first_stage.downsample),
+                  mipnet="none")
+    pipe = Pipeline(model, nets, size, dict(steps=steps, cfg_scale=2.0, scale_pow=0.01, clip_denoised=False), device)
+    sources = torch.rand(batch, 3, size, size) * 2 - 1
+    skeletons = torch.rand(batch, 3, size, size)
     seeds = list(range(batch))
     inputs = pipe.encode(sources, skeletons, seeds)
     latents = pipe.denoise(inputs)

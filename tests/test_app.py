@@ -64,6 +64,19 @@ def test_app_gives_the_image_infer_gives(app, demo_pipe, photos, tmp_path, mode,
     assert framed.shape == (32, 32, 3) and source_view.shape == target.shape == (256, 256, 3)
 
 
+def test_the_fast_model_gives_the_image_infer_fast_gives(app, photos, tmp_path):
+    """Served as the demo, the app offers the 4-step student too ("fast (4 steps)"), on its own sampler: the same
+    image as infer_xmdpt.py --fast."""
+    assert list(app.DEMO_MODELS) == ["demo (50 steps)", "fast (4 steps)"]
+    fast = Pipeline.from_config(*app.DEMO_MODELS["fast (4 steps)"])
+    assert fast.model.consistency and fast.sampler_for() == "lcm" and fast.sample_defaults["steps"] == 4
+    pose = app.GALLERY[4]
+    *_, image = app.transfer(fast, read_photo(photos / "astronaut.png"), "gallery", None, None, 4, seed=3)
+    expected = cli_image(tmp_path, "--fast", "--source", str(photos / "astronaut.png"), "--target-pose", str(pose),
+                         "--seed", "3")
+    assert image.shape == (32, 32, 3) and np.array_equal(image, expected)
+
+
 def test_app_names_what_is_wrong(app, demo_pipe, photos):
     coffee, astronaut = read_photo(photos / "coffee.png"), read_photo(photos / "astronaut.png")
     with pytest.raises(ValueError, match="your photo: no person found"):

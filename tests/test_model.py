@@ -340,7 +340,7 @@ def test_checkpoint_of_another_size_fails_listing_keys(tmp_path):
 # For every field of XMDPTConfig, another valid value for the tiny model (a new field must be added here).
 OTHER_VALUES = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=64, depth=4, num_heads=4, mlp_ratio=2.0,
                     learn_sigma=False, decode_layer=1, mask_ratio=0.5, mipnet="self", aggregation="add",
-                    cond_drop=0.2, pose_dim=32, image_dim=48, dino_tokens=7, prediction="v")
+                    cond_drop=0.2, pose_dim=32, image_dim=48, dino_tokens=7, prediction="v", consistency=True)
 
 
 def test_a_checkpoint_that_differs_from_the_config_in_any_field_is_refused_naming_it(tmp_path):

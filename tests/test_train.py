@@ -19,15 +19,17 @@ from torch.utils.data import DataLoader
 
 import train_xmdpt
 from configs import load_config, model_config
+from data.errors import InputError
 from data.sampler import SeededDataset
 from data.synthetic import make_synthetic
-from models import XMDPT, Diffusion, XMDPTConfig, load_checkpoint
+from models import XMDPT, Diffusion, XMDPTConfig, export, load_checkpoint
 from models.encoders import build_encoders
 from models.objective import XMDPTLoss
 from scripts.cache_features import cache_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = load_config(ROOT / "configs/demo.yaml")["data"]["size"]
+DEMO_TEACHER = ROOT / "assets" / "xmdpt_demo"
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,25 @@ def tiny_config(root, cache=None, **train):
     cfg = demo_config(root, cache, **train)
     cfg["model"].update(hidden_size=32, depth=3, num_heads=2, patch_size=8)
     cfg["train"]["global_batch"] = 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(synth, tmp_path_factory):
+    """A trained-looking tiny model of tiny_config, exported as a teacher to distil."""
+    torch.manual_seed(0)
+    model = XMDPT(model_config(tiny_config(synth)))
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    return export(model, tmp_path_factory.mktemp("teacher") / "teacher", inference_only=True)
+
+
+def distill_config(root, teacher, **train):
+    """configs/distill_demo.yaml at tiny_config's size, distilling `teacher`."""
+    cfg = load_config(ROOT / "configs/distill_demo.yaml", [f"data.root={root}", "data.cache=null",
+                                                          "train.sample_every=0", f"distill.teacher={teacher}"])
+    cfg["model"].update(hidden_size=32, depth=3, num_heads=2, patch_size=8)
+    cfg["train"].update(global_batch=4, **train)
     return cfg
 
 
@@ -410,8 +431,10 @@ def test_clear_errors_before_training(synth, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_gloo(synth, tmp_path):
-    cfg = tiny_config(synth, max_steps=3, ckpt_every=3, log_every=1)
+@pytest.mark.parametrize("objective", ["X-MDPT", "distillation"])
+def test_two_processes_with_gloo(synth, tiny_teacher, tmp_path, objective):
+    cfg = tiny_config(synth, max_steps=3, ckpt_every=3, log_every=1) if objective == "X-MDPT" else \
+        distill_config(synth, tiny_teacher, max_steps=3, ckpt_every=3, log_every=1)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -458,6 +481,53 @@ def test_under_torchrun_every_process_stops_at_the_same_step(synth, tmp_path):
     assert f"stopped by SIGUSR1 at step {step}, with its checkpoint" in err and step < 500
     assert logged_steps(tmp_path / "run")[-1] == step
     assert len(torch.load(tmp_path / "run" / "checkpoints" / f"{step:07d}.pt", weights_only=True)["process"]) == 2
+
+
+def test_distillation_is_a_run_like_any_other(synth, tiny_teacher, tmp_path):
+    """configs/distill_demo.yaml's objective in the same loop: the student and its EMA start from the teacher's
+    weights, the log's columns are the objective's terms, and a run stopped at step 2 and resumed ends as the
+    run of 4 steps does, bit for bit."""
+    cfg = distill_config(synth, tiny_teacher, max_steps=4, ckpt_every=2, log_every=1)
+    model, ema = train_xmdpt.train(cfg, tmp_path / "full")
+    assert list(read_log(tmp_path / "full")[0]) == ["step", "total", "huber", "mse", "lr", "steps_per_s"]
+    teacher = load_checkpoint(tiny_teacher)
+    moved = [not torch.equal(p, teacher.state_dict()[k]) for k, p in model.state_dict().items()]
+    assert model.consistency and any(moved)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "0000002.pt", tmp_path / "resumed" / "checkpoints")
+    resumed, resumed_ema = train_xmdpt.train(cfg, tmp_path / "resumed", resume=True)
+    for a, b in ((model, resumed), (ema, resumed_ema)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    first = train_xmdpt.train(distill_config(synth, tiny_teacher, max_steps=0), tmp_path / "start")[0]
+    assert all(torch.equal(p, teacher.state_dict()[k]) for k, p in first.state_dict().items())
+
+
+def test_a_distillation_config_must_describe_a_consistency_student(synth, tiny_teacher, tmp_path):
+    for override, message in [("model.consistency=false", "set model.consistency: true and model.mipnet: none"),
+                              ("model.mipnet=self-cross", "set model.consistency: true and model.mipnet: none"),
+                              ("distill.loss=l1", "distill.loss must be huber or l2"),
+                              ("distill.teachr=x", "unknown key 'teachr' in section 'distill'")]:
+        with pytest.raises(InputError, match=message):
+            load_config(ROOT / "configs/distill_demo.yaml", [override])
+    with pytest.raises(InputError, match="model.consistency: true needs a distill section"):
+        load_config(ROOT / "configs/demo.yaml", ["model.consistency=true"])
+    other = distill_config(synth, tiny_teacher, max_steps=1)
+    other["model"]["hidden_size"] = 64
+    with pytest.raises(InputError, match=r"(?s)distill.teacher .*teacher does not fit the student .*hidden_size: 32 "
+                                         r"in the checkpoint, 64"):
+        train_xmdpt.train(other, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_distillation_loss_falls_on_the_demo_set(synth, tmp_path):
+    """configs/distill_demo.yaml as it is, distilling the bundled demo model on the synthetic set: after 40
+    steps the loss is well below that of the first steps."""
+    cfg = load_config(ROOT / "configs/distill_demo.yaml", [f"data.root={synth}", "data.cache=null",
+                                                          "train.sample_every=0", f"distill.teacher={DEMO_TEACHER}"])
+    cfg["train"].update(max_steps=40, log_every=1, ckpt_every=40)
+    train_xmdpt.train(cfg, tmp_path)
+    losses = [float(r["total"]) for r in read_log(tmp_path)]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
 
 
 def test_run_train_sh_trains_as_a_user_types_it(synth, tmp_path):

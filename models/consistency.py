@@ -1,0 +1,128 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models"; Luo et al. 2023, "Latent Consistency
+Models"): a student X-MDPT that maps any point of its teacher's guided probability-flow ODE to the ODE's end in
+one network evaluation, so that it samples in 1 to 8 steps instead of the teacher's 50 guided ones (100
+evaluations).
+
+- The teacher's ODE runs on LCM's grid of 50 timesteps, t = 20 i - 1 (i = 1..50), a skip of k = 20.
+- The guidance is folded in: a consistency target is one teacher DDIM step from t to t - k on the released
+  power-cosine guidance at its defaults (s = 2.0, p = 0.01), the student's condition is never dropped, and it
+  samples with one conditional evaluation a step.
+- The student's consistency function is f(x, t) = c_skip(t) x + c_out(t) x0(x, t), x0 the clean estimate its
+  eps or v output implies, with LCM's boundary scalings (sigma_data 0.5, t scaled by 10): c_skip(0) = 1 and
+  c_out(0) = 0, so f is the identity at t = 0.
+- The target network is the run's EMA of the student (train.ema, 0.95 as in LCM), which is also what
+  training saves and exports.
+- Sampling is diffusers' LCMScheduler on our schedule: it fits it (our betas, eps or v, this grid), with our
+  choice of timesteps (`sampling_timesteps`: 999, 679, 339, 19 for 4 steps).
+
+A student says what it is with its weights: `XMDPTConfig.consistency`.
+"""
+import torch
+import torch.nn as nn
+from diffusers import LCMScheduler
+from tqdm.auto import tqdm
+
+from .diffusion import prediction_of
+
+GRID_STEPS = 50  # the teacher's ODE grid: the timesteps k i - 1, k = T / GRID_STEPS
+LOSSES = ("huber", "l2")
+
+
+def scheduler(diffusion, prediction, clip_denoised=False):
+    """diffusers' LCMScheduler on `diffusion`'s schedule, for a model that predicts `prediction` (eps or v);
+    clip_denoised clamps each x0 estimate to [-1, 1] (pixel-space models)."""
+    return LCMScheduler(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas,
+                        original_inference_steps=GRID_STEPS, clip_sample=clip_denoised,
+                        prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction])
+
+
+def grid(num_timesteps, device=None):
+    """The timesteps of the teacher's ODE grid, ascending: k i - 1 for i = 1..GRID_STEPS."""
+    k = num_timesteps // GRID_STEPS
+    return torch.arange(1, GRID_STEPS + 1, device=device) * k - 1
+
+
+def sampling_timesteps(num_timesteps, steps):
+    """The timesteps a `steps`-step consistency sampler visits: evenly spaced over the grid, its top (999) and its
+    bottom (19) included, descending. LCMScheduler's own spacing (999, 759, 499, 259 for 4) stops where a quarter
+    of the noise is still left to remove in one evaluation; ending at the bottom leaves the last step a light
+    refinement, which scores higher on the demo set, for the teacher's own ODE as for the student (docs/demo.md)."""
+    timesteps = grid(num_timesteps)
+    positions = torch.linspace(GRID_STEPS - 1, 0, steps).round().long() if steps > 1 else torch.tensor([GRID_STEPS - 1])
+    return timesteps[positions].tolist()
+
+
+def pseudo_huber(a, b, c):
+    """sqrt((a - b)^2 + c^2) - c, elementwise, averaged per sample: L2 for differences well under c, L1 above."""
+    return (((a - b) ** 2 + c ** 2).sqrt() - c).flatten(1).mean(1)
+
+
+class ConsistencyDistillation(nn.Module):
+    """The objective of a consistency distillation run: objective(x0, cond) -> scalar terms (`total`, the
+    distance to the consistency targets, and `mse`, the same as a mean squared error).
+
+    student: the XMDPT trained (the run's model); target: its EMA, which the loop updates; teacher: the frozen
+    XMDPT distilled. The student and the target start from the teacher's weights (MIPNet, which only trains the
+    teacher, left out). loss: 'huber' (pseudo-Huber with `huber_c`, robust to the large early differences) or
+    'l2'. clip_denoised: the teacher's DDIM steps clamp x0, as it samples (pixel-space models).
+    """
+
+    def __init__(self, student, target, teacher, diffusion, cfg_scale=2.0, scale_pow=0.01, loss="huber",
+                 huber_c=1e-3, clip_denoised=False):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.student, self.target, self.teacher, self.diffusion = student, target, teacher.eval(), diffusion
+        self.teacher.requires_grad_(False)
+        self.cfg_scale, self.scale_pow, self.loss, self.huber_c = cfg_scale, scale_pow, loss, huber_c
+        self.clip_denoised = clip_denoised
+        self.scalings = scheduler(diffusion, prediction_of(student)).get_scalings_for_boundary_condition_discrete
+        weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith("mipnet.")}
+        student.load_state_dict(weights)
+        target.load_state_dict(weights)
+        self.terms = ("total", "mse") if loss == "l2" else ("total", "huber", "mse")
+
+    def consistency(self, net, x, t, cond):
+        """f_net(x, t) = c_skip(t) x + c_out(t) x0, x0 the clean estimate of net's conditional output."""
+        n, channels = x.shape[:2]
+        out = net(x, t, **cond, drop_cond=torch.zeros(n, dtype=torch.bool, device=x.device))[:, :channels]
+        x0 = self.diffusion.x0_from(out.to(x.dtype), x, t, prediction_of(net))
+        c_skip, c_out = (c.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) for c in self.scalings(t.double()))
+        return c_skip * x + c_out * x0
+
+    def forward(self, x0, cond):
+        """x0 (N, C, H, W) target latents; cond: the condition (`pose`, `image` tokens, `source` latent)."""
+        timesteps = grid(self.diffusion.num_timesteps, x0.device)
+        t = timesteps[torch.randint(0, GRID_STEPS, (x0.shape[0],), device=x0.device)]
+        t_prev = t - (timesteps[0] + 1)  # -1 below the grid's first timestep: the step lands on the clean data
+        x_t = self.diffusion.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, dtype=x0.dtype))
+        with torch.no_grad():
+            guided = self.teacher.guided(**cond, cfg_scale=self.cfg_scale, scale_pow=self.scale_pow)
+            pred = guided(x_t, t)[:, :x0.shape[1]].to(x0.dtype)
+            x_prev = self.diffusion.ddim_step(x_t, t, t_prev, pred, prediction_of(guided), self.clip_denoised)
+            target = self.consistency(self.target, x_prev, t_prev.clamp(min=0), cond)  # f(x, 0) = x: the boundary
+        estimate = self.consistency(self.student, x_t, t, cond)
+        mse = ((estimate - target) ** 2).flatten(1).mean(1).mean()
+        if self.loss == "l2":
+            return {"total": mse, "mse": mse}
+        huber = pseudo_huber(estimate, target, self.huber_c).mean()
+        return {"total": huber, "huber": huber, "mse": mse}
+
+
+@torch.no_grad()
+def consistency_sample(diffusion, model_fn, z, steps=4, generators=None, clip_denoised=False, progress=False):
+    """Multistep consistency sampling from noise z: at each of `steps` timesteps of the grid (999, 679, 339, 19
+    for 4: `sampling_timesteps`), the consistency function's clean estimate, then noise back to the next timestep,
+    drawn by `generators` (one per sample, so a sample does not depend on its batch; None: torch's global
+    generator).
+    model_fn(x, t) is a consistency model's conditional denoiser (XMDPT.conditioned)."""
+    if not getattr(model_fn, "consistency", False):
+        raise TypeError("consistency_sample samples consistency models; this is a diffusion model: sample it with "
+                        "Diffusion.ddim_sample or dpm_solver_sample")
+    lcm = scheduler(diffusion, prediction_of(model_fn), clip_denoised)
+    lcm.set_timesteps(timesteps=sampling_timesteps(diffusion.num_timesteps, steps))
+    x = z
+    for t in tqdm(lcm.timesteps.tolist(), disable=not progress, desc="consistency"):
+        pred = model_fn(x, torch.full((z.shape[0],), t, device=z.device))[:, :z.shape[1]].to(x.dtype)
+        x, denoised = lcm.step(pred, t, x, generator=generators, return_dict=False)
+    return denoised
