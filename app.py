@@ -115,8 +115,10 @@ def build(pipes, demo=False):
                                "for a consistency model)")
             steps = gr.Slider(0, 200, value=0, step=1, label=f"Sampling steps (0: the model's own, "
                               f"{' or '.join(str(p.sample_defaults['steps']) for p in pipes.values())})")
-            cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1, label="Guidance scale")
-            scale_pow = gr.Number(value=defaults["scale_pow"], label="Guidance power (power-cosine schedule)")
+            cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1,
+                                  label="Guidance scale (diffusion models; the fast model has its guidance folded in)")
+            scale_pow = gr.Number(value=defaults["scale_pow"],
+                                  label="Guidance power (power-cosine schedule; diffusion models)")
             seed = gr.Number(value=0, precision=0, label="Seed")
             framing = gr.Radio(list(FRAMINGS), value="person", label="Framing of the photos (person: cropped around "
                                "the person, then padded to DeepFashion's 176:256; whole: the whole photo padded)")

@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 from configs import load_config
-from data.errors import OutputExistsError, reported
+from data.errors import InputError, OutputExistsError, reported
 from data.images import grid_row, save_png
 from data.photo import FRAMINGS, frame_photo, read_photo
 from inference.pairs import generate_pairs, mean_scores
@@ -90,9 +90,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int,
                    help="sampling steps (default: the config's sample.steps: 50, or 4 for the fast demo model)")
     p.add_argument("--cfg-scale", type=float,
-                   help="classifier-free guidance scale s (default: the config's sample.cfg_scale, 2.0)")
+                   help="classifier-free guidance scale s of a diffusion model (default: the config's "
+                        "sample.cfg_scale, 2.0; a consistency model has its guidance folded in)")
     p.add_argument("--scale-pow", type=float,
-                   help="power p of the power-cosine guidance schedule (default: the config's sample.scale_pow, 0.01)")
+                   help="power p of the power-cosine guidance schedule of a diffusion model (default: the config's "
+                        "sample.scale_pow, 0.01)")
     p.add_argument("--sampler", choices=SAMPLERS,
                    help="ddim: the released DDIM (eta 0); dpm++: DPM-Solver++ (diffusers), good at ~20 steps; lcm: "
                         "the consistency sampler of a distilled model (1-8 steps, guidance folded in). Default: the "
@@ -130,6 +132,9 @@ def run(args):
             ensure_demo_data(cfg)
         barrier()
         pipe = Pipeline.from_config(cfg, args.ckpt, args.device or device, args.compile)
+        if pipe.model.consistency and (args.cfg_scale is not None or args.scale_pow is not None):
+            raise InputError(f"--cfg-scale and --scale-pow do not apply to {pipe.description}: a consistency model "
+                             f"has the guidance it was distilled with folded into its weights")
         settings = dict(steps=args.steps, cfg_scale=args.cfg_scale, scale_pow=args.scale_pow,
                         sampler=pipe.sampler_for(args.sampler))
         if args.source:

@@ -113,8 +113,9 @@ def check_config(cfg, source="config"):
     if config.consistency and "distill" not in cfg:
         raise InputError(f"{source}: model.consistency: true needs a distill section: a consistency model is "
                          f"distilled from a diffusion model (configs/distill_demo.yaml)")
-    if "distill" in cfg and cfg["distill"]["loss"] not in ("huber", "l2"):
-        raise InputError(f"{source}: distill.loss must be huber or l2, got {cfg['distill']['loss']!r}")
+    from models.consistency import LOSSES
+    if "distill" in cfg and cfg["distill"]["loss"] not in LOSSES:
+        raise InputError(f"{source}: distill.loss must be one of {', '.join(LOSSES)}, got {cfg['distill']['loss']!r}")
 
 
 def model_config(cfg):

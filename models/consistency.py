@@ -22,7 +22,9 @@ import torch.nn as nn
 from diffusers import LCMScheduler
 from tqdm.auto import tqdm
 
-from .diffusion import prediction_of
+from data.errors import InputError
+
+from .diffusion import mean_flat, prediction_of
 
 GRID_STEPS = 50  # the teacher's ODE grid: the timesteps k i - 1, k = T / GRID_STEPS
 LOSSES = ("huber", "l2")
@@ -47,14 +49,14 @@ def sampling_timesteps(num_timesteps, steps):
     bottom (19) included, descending. LCMScheduler's own spacing (999, 759, 499, 259 for 4) stops where a quarter
     of the noise is still left to remove in one evaluation; ending at the bottom leaves the last step a light
     refinement, which scores higher on the demo set, for the teacher's own ODE as for the student (docs/demo.md)."""
-    timesteps = grid(num_timesteps)
-    positions = torch.linspace(GRID_STEPS - 1, 0, steps).round().long() if steps > 1 else torch.tensor([GRID_STEPS - 1])
-    return timesteps[positions].tolist()
+    if not 1 <= steps <= GRID_STEPS:
+        raise InputError(f"sampling steps of a consistency model must be in [1, {GRID_STEPS}], got {steps}")
+    return grid(num_timesteps)[torch.linspace(GRID_STEPS - 1, 0, steps).round().long()].tolist()
 
 
 def pseudo_huber(a, b, c):
     """sqrt((a - b)^2 + c^2) - c, elementwise, averaged per sample: L2 for differences well under c, L1 above."""
-    return (((a - b) ** 2 + c ** 2).sqrt() - c).flatten(1).mean(1)
+    return mean_flat(((a - b) ** 2 + c ** 2).sqrt() - c)
 
 
 class ConsistencyDistillation(nn.Module):
@@ -64,7 +66,8 @@ class ConsistencyDistillation(nn.Module):
     student: the XMDPT trained (the run's model); target: its EMA, which the loop updates; teacher: the frozen
     XMDPT distilled. The student and the target start from the teacher's weights (MIPNet, which only trains the
     teacher, left out). loss: 'huber' (pseudo-Huber with `huber_c`, robust to the large early differences) or
-    'l2'. clip_denoised: the teacher's DDIM steps clamp x0, as it samples (pixel-space models).
+    'l2'. clip_denoised: every x0 estimate is clamped to [-1, 1], in the teacher's DDIM steps as in the consistency
+    function, as the samplers clamp them (pixel-space models).
     """
 
     def __init__(self, student, target, teacher, diffusion, cfg_scale=2.0, scale_pow=0.01, loss="huber",
@@ -83,10 +86,13 @@ class ConsistencyDistillation(nn.Module):
         self.terms = ("total", "mse") if loss == "l2" else ("total", "huber", "mse")
 
     def consistency(self, net, x, t, cond):
-        """f_net(x, t) = c_skip(t) x + c_out(t) x0, x0 the clean estimate of net's conditional output."""
+        """f_net(x, t) = c_skip(t) x + c_out(t) x0, x0 the clean estimate of net's conditional output (clamped to
+        [-1, 1] with clip_denoised, as the sampler clamps it)."""
         n, channels = x.shape[:2]
         out = net(x, t, **cond, drop_cond=torch.zeros(n, dtype=torch.bool, device=x.device))[:, :channels]
         x0 = self.diffusion.x0_from(out.to(x.dtype), x, t, prediction_of(net))
+        if self.clip_denoised:
+            x0 = x0.clamp(-1, 1)
         c_skip, c_out = (c.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) for c in self.scalings(t.double()))
         return c_skip * x + c_out * x0
 
@@ -102,7 +108,7 @@ class ConsistencyDistillation(nn.Module):
             x_prev = self.diffusion.ddim_step(x_t, t, t_prev, pred, prediction_of(guided), self.clip_denoised)
             target = self.consistency(self.target, x_prev, t_prev.clamp(min=0), cond)  # f(x, 0) = x: the boundary
         estimate = self.consistency(self.student, x_t, t, cond)
-        mse = ((estimate - target) ** 2).flatten(1).mean(1).mean()
+        mse = ((estimate - target) ** 2).mean()
         if self.loss == "l2":
             return {"total": mse, "mse": mse}
         huber = pseudo_huber(estimate, target, self.huber_c).mean()

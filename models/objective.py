@@ -58,6 +58,8 @@ def build_objective(cfg, model, ema):
     if ckpt.config.consistency:
         raise InputError(f"{source} is a consistency model already; distil the diffusion model it came from")
     check_fits(ckpt.config, replace(model.config, consistency=False), source, "the student (the model section)")
-    teacher = strict_load(XMDPT(ckpt.config), ckpt.weights, source).to(next(model.parameters()).device)
+    sampling = {k: v for k, v in ckpt.weights.items() if not k.startswith("mipnet.")}  # it samples: MIPNet only trains
+    teacher = strict_load(XMDPT(replace(ckpt.config, mipnet="none")), sampling, source)
+    teacher.to(next(model.parameters()).device)
     return ConsistencyDistillation(model, ema, teacher, Diffusion(), distill["cfg_scale"], distill["scale_pow"],
                                   distill["loss"], distill["huber_c"], cfg["sample"]["clip_denoised"])

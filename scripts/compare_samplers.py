@@ -29,6 +29,7 @@ from inference.pipeline import FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, Pipeline,
 from models import XMDPT
 from models.checkpoint import check_fits, read_checkpoint, strict_load
 from models.distributed import default_device
+from scripts.benchmark import sync
 
 
 def sharpness(rgb):
@@ -46,20 +47,9 @@ def student_pipeline(teacher, config, checkpoint, compile=False):
                     f"the student ({Path(str(checkpoint)).name})", compile)
 
 
-def timed(fn, device):
-    """(fn(), seconds)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tic = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - tic
-
-
 def compare(teacher, student, pairs, rows, seed=0, batch_size=16):
     """{row: (images (N, 3, S, S), sampling seconds)} for rows (name, pipeline, sampler, steps), every pair's
-    noise from item_seed(seed, i)."""
+    noise from item_seed(seed, i). Each row runs once untimed on the first batch before it is timed."""
     images = {row: [] for row in rows}
     seconds = dict.fromkeys(rows, 0.0)
     for start in tqdm(range(0, len(pairs), batch_size), desc="pairs", unit="batch"):
@@ -69,9 +59,14 @@ def compare(teacher, student, pairs, rows, seed=0, batch_size=16):
         inputs = teacher.encode(sources, skeletons, [item_seed(seed, start + j) for j in range(len(items))])
         for row in rows:
             _, pipe, sampler, steps = row
-            latents, sec = timed(lambda: pipe.denoise(inputs, steps=steps, sampler=sampler), teacher.device)
+            if start == 0:
+                pipe.denoise(inputs, steps=steps, sampler=sampler)  # untimed warm-up: CUDA start-up, compilation
+            sync(teacher.device)
+            tic = time.perf_counter()
+            latents = pipe.denoise(inputs, steps=steps, sampler=sampler)
+            sync(teacher.device)
+            seconds[row] += time.perf_counter() - tic
             images[row].append(pipe.decode(latents))
-            seconds[row] += sec
     return {row: (torch.cat(images[row]), seconds[row]) for row in rows}
 
 
@@ -85,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="only the first N test pairs (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs sampled together")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (pair i: item_seed(seed, i))")
-    p.add_argument("--ddim", type=int, nargs="*", default=[50, 20, 10],
+    p.add_argument("--ddim", type=int, nargs="+", default=[50, 20, 10],
                    help="the teacher's DDIM step counts; the first is the reference of 'PSNR vs teacher'")
     p.add_argument("--dpm", type=int, nargs="*", default=[20, 10, 5], help="the teacher's DPM-Solver++ step counts")
     p.add_argument("--student", type=int, nargs="*", default=[1, 2, 4, 8], help="the student's step counts")
@@ -96,6 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help="compile both denoisers with torch.compile")
     args = p.parse_args(argv)
+    measured = [f"ddim {n}" for n in args.ddim] + [f"dpm++ {n}" for n in args.dpm] + [f"lcm {n}" for n in args.student]
+    for name in args.grid:
+        if name not in measured:
+            p.error(f"--grid {name!r} is not a measured row; the rows are {', '.join(measured)}")
     args.config, args.ckpt = model_files(p, args)
     return args
 

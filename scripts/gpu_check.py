@@ -34,10 +34,11 @@ from models.encoders import SD_VAE_GEOMETRY
 from scripts.benchmark import (ROOT, autocast, encoders, gflops, measure_inference, measure_training, random_inputs,
                                released_schedule_step, timed)
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, by a name the device's name contains.
-BF16_PEAK = {"H200": 989, "H100": 989, "GH200": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, by a name the device's name contains (the
+# first that matches: GH200 before H200, A100 before A10, L40S before L4).
+BF16_PEAK = {"GH200": 989, "H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
 A100_PEAK, A100_BANDWIDTH = 312, 2.0  # the GPU of the paper's 1.1 s per image (TFLOP/s, TB/s of the 80 GB SXM)
-BANDWIDTH = {"H200": 4.8, "H100": 3.35, "GH200": 4.0, "A100": 2.0, "L40S": 0.86, "L4": 0.3, "A10": 0.6, "4090": 1.0}
+BANDWIDTH = {"GH200": 4.0, "H200": 4.8, "H100": 3.35, "A100": 2.0, "L40S": 0.86, "L4": 0.3, "A10": 0.6, "4090": 1.0}
 PAPER_S_PER_IMAGE = 1.1
 TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1)
@@ -75,9 +76,10 @@ def fresh(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_of(device):
+def device_kind(device):
+    """The key of BF16_PEAK and BANDWIDTH that the device's name contains (None: unknown, or a CPU)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+    return next((key for key in BF16_PEAK if key in name), None)
 
 
 def rel(a, b):
@@ -89,8 +91,9 @@ def cuda_tests():
     tic = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
                          cwd=ROOT, capture_output=True, text=True)
-    counts = re.findall(r"(\d+ (?:passed|failed|skipped|errors?|deselected))", run.stdout.splitlines()[-1])
-    return [("CUDA tests", "pytest -m cuda", ", ".join(counts) or run.stdout.splitlines()[-1],
+    last = (run.stdout.strip().splitlines() or run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+    counts = re.findall(r"(\d+ (?:passed|failed|skipped|errors?|deselected))", last)
+    return [("CUDA tests", "pytest -m cuda", ", ".join(counts) or last,
              f"{time.perf_counter() - tic:.0f} s")]
 
 
@@ -119,7 +122,7 @@ def sampling(sizes, device):
                 torch.cuda.synchronize(device)
             compile_s = time.perf_counter() - tic
             compiled_s = timed(lambda: guided(x, t), device, sizes.repeats)
-        peak = peak_of(device)
+        peak = BF16_PEAK.get(device_kind(device))
         share = lambda s: f", {work / s / 1e3 / peak:.0%} of the bf16 peak" if peak else ""
         setting = f"{name}, batch {sizes.batch}, {'bf16' if device.type == 'cuda' else 'float32'}"
         rows += [("guided step, ours eager", setting, f"{eager_s * 1e3:.2f} ms, {work / eager_s / 1e3:.3g} TFLOP/s"
@@ -164,8 +167,7 @@ def inference(sizes, device):
     with autocast(device):
         step_s = timed(lambda: released_schedule_step(model, x, t, **cond, cfg_scale=2.0, scale_pow=0.01), device, 1)
     released = 1 / (1 / ours["encoders"] + sizes.steps * step_s / sizes.batch + 1 / ours["decoding"])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "this CPU"
-    kind = next((k for k in BF16_PEAK if k in name), None)
+    kind = device_kind(device)
     versus = f"the paper: {PAPER_S_PER_IMAGE} s on an A100"
     if kind:
         versus += (f"; this {kind} has {BF16_PEAK[kind] / A100_PEAK:.1f}x an A100's bf16 peak and "

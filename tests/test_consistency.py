@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from data.errors import InputError
 from models import XMDPT, Diffusion
-from models.consistency import ConsistencyDistillation, consistency_sample
+from models.consistency import ConsistencyDistillation, consistency_sample, sampling_timesteps
 
 ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, pose_dim=16,
             image_dim=24, dino_tokens=5, cond_drop=0.0)
@@ -65,9 +66,11 @@ def conditional(net, x, t, cond):
                drop_cond=torch.tensor([False]))[0, :4]
 
 
-def consistency_function(net, x, t, cond, prediction):
+def consistency_function(net, x, t, cond, prediction, clip=False):
+    """c_skip(t) x + c_out(t) x0, x0 the network's clean estimate (clamped to [-1, 1] with clip, as sampled)."""
     c_skip, c_out = scalings(t)
-    return c_skip * x + c_out * x0_of(conditional(net, x, t, cond), x, t, prediction)
+    x0 = x0_of(conditional(net, x, t, cond), x, t, prediction)
+    return c_skip * x + c_out * (x0.clamp(-1, 1) if clip else x0)
 
 
 def reference_target(teacher, target, x_t, t, cond, prediction, clip, s=3.0, p=0.5):
@@ -86,15 +89,11 @@ def reference_target(teacher, target, x_t, t, cond, prediction, clip, s=3.0, p=0
         x0 = x0.clamp(-1, 1)
     eps = (x_t - math.sqrt(a) * x0) / math.sqrt(1 - a)
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-    return x_prev if t_prev < 0 else consistency_function(target, x_prev, t_prev, cond, prediction)
+    return x_prev if t_prev < 0 else consistency_function(target, x_prev, t_prev, cond, prediction, clip)
 
 
-@pytest.mark.parametrize("prediction, clip", [("eps", False), ("v", False), ("v", True)])
-def test_the_loss_is_the_distance_to_the_written_out_target(prediction, clip):
-    objective, student, target, teacher = distillation(prediction, clip)
-    x0, cond = torch.rand(4, 4, 8, 8, generator=torch.Generator().manual_seed(9)) * 2 - 1, condition(4)
-    torch.manual_seed(51)
-    terms = objective(x0, cond)
+def written_out(student, target, teacher, x0, cond, prediction, clip):
+    """The student's estimates and their targets for the draws of torch.manual_seed(51), from the definitions."""
     torch.manual_seed(51)  # the objective's draws, replayed: a grid index per sample, then the noise
     t = (torch.randint(0, 50, (4,)) + 1) * 20 - 1
     noise = torch.randn(x0.shape)
@@ -105,9 +104,18 @@ def test_the_loss_is_the_distance_to_the_written_out_target(prediction, clip):
             a = alpha_bar(ti)
             x_t = math.sqrt(a) * x0[i] + math.sqrt(1 - a) * noise[i]
             sample_cond = {k: v[i] for k, v in cond.items()}
-            estimates.append(consistency_function(student, x_t, ti, sample_cond, prediction))
+            estimates.append(consistency_function(student, x_t, ti, sample_cond, prediction, clip))
             targets.append(reference_target(teacher, target, x_t, ti, sample_cond, prediction, clip))
-    estimates, targets = torch.stack(estimates), torch.stack(targets)
+    return torch.stack(estimates), torch.stack(targets)
+
+
+@pytest.mark.parametrize("prediction, clip", [("eps", False), ("v", False), ("v", True)])
+def test_the_loss_is_the_distance_to_the_written_out_target(prediction, clip):
+    objective, student, target, teacher = distillation(prediction, clip)
+    x0, cond = torch.rand(4, 4, 8, 8, generator=torch.Generator().manual_seed(9)) * 2 - 1, condition(4)
+    torch.manual_seed(51)
+    terms = objective(x0, cond)
+    estimates, targets = written_out(student, target, teacher, x0, cond, prediction, clip)
     huber = (((estimates - targets) ** 2 + 0.01 ** 2).sqrt() - 0.01).mean()
     torch.testing.assert_close(terms["huber"], huber, rtol=2e-4, atol=1e-7)
     torch.testing.assert_close(terms["mse"], ((estimates - targets) ** 2).mean(), rtol=2e-4, atol=1e-9)
@@ -118,9 +126,12 @@ def test_the_loss_is_the_distance_to_the_written_out_target(prediction, clip):
 
 
 def test_l2_loss_is_the_mean_squared_distance():
-    objective, *_ = distillation("eps", loss="l2")
-    x0, cond = torch.rand(3, 4, 8, 8) * 2 - 1, condition()
+    objective, student, target, teacher = distillation("eps", loss="l2")
+    x0, cond = torch.rand(4, 4, 8, 8, generator=torch.Generator().manual_seed(9)) * 2 - 1, condition(4)
+    torch.manual_seed(51)
     terms = objective(x0, cond)
+    estimates, targets = written_out(student, target, teacher, x0, cond, "eps", False)
+    torch.testing.assert_close(terms["total"], ((estimates - targets) ** 2).mean(), rtol=2e-4, atol=1e-9)
     assert objective.terms == ("total", "mse") and terms["total"] is terms["mse"]
 
 
@@ -178,6 +189,12 @@ def test_the_sampler_visits_the_grid_and_adds_each_samples_own_noise(steps, time
     torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-5)
     alone = consistency_sample(Diffusion(), Recorded(), z[1:], steps, [torch.Generator().manual_seed(12)])
     torch.testing.assert_close(alone, out[1:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [0, 51])
+def test_the_sampler_refuses_step_counts_the_grid_cannot_give(steps):
+    with pytest.raises(InputError, match=rf"sampling steps of a consistency model must be in \[1, 50\], got {steps}"):
+        sampling_timesteps(1000, steps)
 
 
 def test_each_sampler_refuses_the_other_kind_of_model():

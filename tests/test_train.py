@@ -505,12 +505,16 @@ def test_distillation_is_a_run_like_any_other(synth, tiny_teacher, tmp_path):
 def test_a_distillation_config_must_describe_a_consistency_student(synth, tiny_teacher, tmp_path):
     for override, message in [("model.consistency=false", "set model.consistency: true and model.mipnet: none"),
                               ("model.mipnet=self-cross", "set model.consistency: true and model.mipnet: none"),
-                              ("distill.loss=l1", "distill.loss must be huber or l2"),
+                              ("distill.loss=l1", "distill.loss must be one of huber, l2"),
                               ("distill.teachr=x", "unknown key 'teachr' in section 'distill'")]:
         with pytest.raises(InputError, match=message):
             load_config(ROOT / "configs/distill_demo.yaml", [override])
     with pytest.raises(InputError, match="model.consistency: true needs a distill section"):
         load_config(ROOT / "configs/demo.yaml", ["model.consistency=true"])
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text(f"base: {ROOT / 'configs/distill_demo.yaml'}\ndistill:\n  teachr: x\n")
+    with pytest.raises(InputError, match="unknown keys in section 'distill': teachr"):
+        load_config(misspelt)
     other = distill_config(synth, tiny_teacher, max_steps=1)
     other["model"]["hidden_size"] = 64
     with pytest.raises(InputError, match=r"(?s)distill.teacher .*teacher does not fit the student .*hidden_size: 32 "
