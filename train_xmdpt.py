@@ -365,7 +365,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, help="seed of the data order, augmentation and noise (train.seed)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the denoiser (train.compile): faster steps once the first has compiled")
+                        help="torch.compile the trained model's denoiser (train.compile; in a distillation, the "
+                             "student's only): faster steps once the first has compiled")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error in the input (a file, a key), not one line")
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.lr=5e-5 model.mask_ratio=0.5")
