@@ -146,8 +146,10 @@ def main(argv=None):
     config, checkpoint = model_files(p, args)
     files = DEMO_MODELS if config == DEMO_CONFIG else {Path(str(checkpoint)).name: (config, checkpoint)}
     with reported("app.py"):
-        pipes = {name: Pipeline.from_config(c, k, args.device or default_device(), args.compile)
-                 for name, (c, k) in files.items()}
+        pipes, encoders = {}, None
+        for name, (c, k) in files.items():
+            pipes[name] = Pipeline.from_config(c, k, args.device or default_device(), args.compile, encoders)
+            encoders = pipes[name].encoders  # the demo model and its student share their encoders
     fonts = ["ui-sans-serif", "system-ui", "sans-serif"]  # the system's: no font is fetched from the web
     build(pipes, demo=config in (DEMO_CONFIG, FAST_DEMO_CONFIG)).launch(
         server_name=args.host, server_port=args.port, ssr_mode=False, css=CSS,

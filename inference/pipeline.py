@@ -84,15 +84,16 @@ class Pipeline:
         self.diffusion = Diffusion()
 
     @classmethod
-    def from_config(cls, config, checkpoint, device="cpu", compile=False):
+    def from_config(cls, config, checkpoint, device="cpu", compile=False, encoders=None):
         """The pipeline of a config (a YAML path or a loaded dict) and a checkpoint (any file
         models.load_checkpoint reads). The checkpoint is checked against the config before any encoder is
-        built, so a mismatch costs no time."""
+        built, so a mismatch costs no time. encoders: another pipeline's, to share (a student and its teacher
+        have the same frozen encoders); None builds the config's."""
         cfg = load_config(config) if isinstance(config, (str, Path)) else config
         ckpt = read_checkpoint(checkpoint)
         check_fits(ckpt.config, model_config(cfg), f"--ckpt {checkpoint}")
         model = strict_load(XMDPT(ckpt.config), ckpt.weights, f"--ckpt {checkpoint}")
-        encoders = build_encoders(cfg["encoders"], device)
+        encoders = encoders or build_encoders(cfg["encoders"], device)
         description = f"{cfg['model']['preset']} ({Path(str(checkpoint)).name}, {cfg['data']['size']}px)"
         return cls(model, encoders, cfg["data"]["size"], cfg["sample"], device, description, compile)
 

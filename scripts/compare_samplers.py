@@ -20,14 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from configs import load_config, model_config
+from configs import load_config
 from data.deepfashion import PairDataset
 from data.images import grid_row, to_uint8
 from data.sampler import item_seed
 from eval.metrics import psnr, ssim
 from inference.pipeline import FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, Pipeline, model_files
-from models import XMDPT
-from models.checkpoint import check_fits, read_checkpoint, strict_load
 from models.distributed import default_device
 from scripts.benchmark import sync
 
@@ -35,16 +33,6 @@ from scripts.benchmark import sync
 def sharpness(rgb):
     """The variance of the Laplacian of a uint8 RGB image's grey version: higher is sharper."""
     return float(cv2.Laplacian(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var())
-
-
-def student_pipeline(teacher, config, checkpoint, compile=False):
-    """The student's pipeline, on the teacher pipeline's encoders (the same frozen networks)."""
-    cfg = load_config(config)
-    ckpt = read_checkpoint(checkpoint)
-    check_fits(ckpt.config, model_config(cfg), f"--student-ckpt {checkpoint}")
-    model = strict_load(XMDPT(ckpt.config), ckpt.weights, f"--student-ckpt {checkpoint}")
-    return Pipeline(model, teacher.encoders, cfg["data"]["size"], cfg["sample"], teacher.device,
-                    f"the student ({Path(str(checkpoint)).name})", compile)
 
 
 def compare(teacher, student, pairs, rows, seed=0, batch_size=16):
@@ -104,7 +92,7 @@ def main(argv=None):
     device = torch.device(args.device) if args.device else default_device()
     cfg = load_config(args.config)
     teacher = Pipeline.from_config(cfg, args.ckpt, device, args.compile)
-    student = student_pipeline(teacher, args.student_config, args.student_ckpt, args.compile)
+    student = Pipeline.from_config(args.student_config, args.student_ckpt, device, args.compile, teacher.encoders)
     pairs = PairDataset(args.data or cfg["data"]["root"], teacher.size, "test")
     pairs = [pairs[i] for i in range(min(args.limit or len(pairs), len(pairs)))]
     rows = ([("teacher", teacher, "ddim", n) for n in args.ddim] + [("teacher", teacher, "dpm++", n) for n in args.dpm]
