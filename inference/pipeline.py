@@ -138,7 +138,8 @@ class Pipeline:
                                           generators, d["clip_denoised"], progress)
             fn = self.model.guided(*cond, cfg_scale, scale_pow)
             if sampler == "dpm++":
-                return self.diffusion.dpm_solver_sample(fn, inputs["noise"], steps=steps, progress=progress)
+                return self.diffusion.dpm_solver_sample(fn, inputs["noise"], steps=steps, progress=progress,
+                                                        clip_denoised=d["clip_denoised"])
             return self.diffusion.ddim_sample(fn, inputs["noise"], steps=steps, progress=progress,
                                               clip_denoised=d["clip_denoised"])
 

@@ -209,13 +209,15 @@ class Diffusion:
         return x
 
     @torch.no_grad()
-    def dpm_solver_sample(self, model_fn, z, steps=20, progress=False):
-        """DPM-Solver++ (2nd order, multistep) through diffusers' scheduler on this schedule."""
+    def dpm_solver_sample(self, model_fn, z, steps=20, progress=False, clip_denoised=False):
+        """DPM-Solver++ (2nd order, multistep) through diffusers' scheduler on this schedule. clip_denoised clamps
+        each x0 estimate to [-1, 1], as ddim_sample does (diffusers' dynamic thresholding with its largest
+        value at 1 is exactly that clamp)."""
         from diffusers import DPMSolverMultistepScheduler
         refuse_consistency_models(model_fn, "DPM-Solver++")
         scheduler = DPMSolverMultistepScheduler(num_train_timesteps=self.num_timesteps, trained_betas=self.betas,
                                                 prediction_type="epsilon", algorithm_type="dpmsolver++",
-                                                solver_order=2)
+                                                solver_order=2, thresholding=clip_denoised, sample_max_value=1.0)
         scheduler.set_timesteps(steps, device=z.device)
         prediction = prediction_of(model_fn)
         x = z

@@ -57,6 +57,22 @@ def test_dpm_solver_recovers_x0_for_an_oracle_model():
     assert torch.allclose(d.dpm_solver_sample(predicting("eps", oracle), z, steps=20), x0, atol=1e-4)
 
 
+def test_dpm_solver_clip_denoised_clamps_every_x0_estimate():
+    """An oracle of data at 1.5 and -1.5: every x0 estimate is then +-1.5, clamped +-1, so the solver's last
+    step, which lands on its x0 estimates, ends at +-1 exactly; without the clamp, on the data."""
+    d = Diffusion()
+    x0 = torch.tensor([1.5, -1.5]).view(2, 1, 1, 1).expand(2, 3, 4, 4)
+
+    def oracle(x, t):
+        ab = torch.from_numpy(d.alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    z = d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
+    assert torch.allclose(d.dpm_solver_sample(predicting("eps", oracle), z, steps=10), x0, atol=1e-4)
+    clipped = d.dpm_solver_sample(predicting("eps", oracle), z, steps=10, clip_denoised=True)
+    torch.testing.assert_close(clipped, x0.sign(), rtol=0, atol=1e-5)
+
+
 def test_vb_term_is_kl_and_decoder_nll_at_zero():
     d = Diffusion()
     x0 = torch.rand(2, 1, 2, 2) * 2 - 1
