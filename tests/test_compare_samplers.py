@@ -1,0 +1,60 @@
+"""scripts/compare_samplers.py: every row of its table scores the images that the Pipeline draws for each pair
+alone, from that pair's own noise (item_seed(seed, i)), whatever the batch; the evaluations per image are two
+per guided step and one per consistency step."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from configs import load_config
+from data.deepfashion import PairDataset
+from data.images import to_uint8
+from data.sampler import item_seed
+from data.synthetic import make_synthetic
+from eval.metrics import psnr, ssim
+from inference.pipeline import DEMO_CHECKPOINT, DEMO_CONFIG, FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, Pipeline
+from scripts import compare_samplers
+
+SIZE = load_config(DEMO_CONFIG)["data"]["size"]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("samplers")
+    make_synthetic(tmp / "data", num_identities=4, poses_per_identity=4, size=SIZE, seed=2)  # 4 test pairs
+    compare_samplers.main(["--data", str(tmp / "data"), "--limit", "3", "--batch-size", "2", "--seed", "7",
+                           "--ddim", "3", "--dpm", "2", "--student", "1", "2", "--grid", "dpm++ 2", "lcm 2",
+                           "--grid-pairs", "2", "--out", str(tmp / "out"), "--device", "cpu"])
+    lines = (tmp / "out" / "samplers.md").read_text().splitlines()
+    rows = {(r[1], int(r[2])): r for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
+    return tmp, rows
+
+
+def alone(pipeline, pair, seed, **settings):
+    """A pair's image drawn by itself, with its own seed."""
+    image = pipeline(pair["source"][None], pair["target_skeleton"][None], seeds=[seed], **settings)[0]
+    return to_uint8(image)
+
+
+def test_each_row_scores_the_pipelines_own_image_of_each_pair(table):
+    tmp, rows = table
+    teacher = Pipeline.from_config(DEMO_CONFIG, DEMO_CHECKPOINT, torch.device("cpu"))
+    student = Pipeline.from_config(FAST_DEMO_CONFIG, FAST_DEMO_CHECKPOINT, torch.device("cpu"),
+                                   encoders=teacher.encoders)
+    pairs = PairDataset(tmp / "data", SIZE, "test")
+    pairs = [pairs[i] for i in range(3)]
+    targets = [to_uint8(p["target"]) for p in pairs]
+    seeds = [item_seed(7, i) for i in range(3)]
+    reference = [alone(teacher, p, s, sampler="ddim", steps=3) for p, s in zip(pairs, seeds)]
+    for (sampler, steps), pipeline, evaluations in [(("ddim", 3), teacher, 6), (("dpm++", 2), teacher, 4),
+                                                    (("lcm", 1), student, 1), (("lcm", 2), student, 2)]:
+        images = [alone(pipeline, p, s, sampler=sampler, steps=steps) for p, s in zip(pairs, seeds)]
+        row = rows[(sampler, steps)]
+        assert int(row[3]) == evaluations
+        assert float(row[4]) == pytest.approx(np.mean([ssim(t, g) for t, g in zip(targets, images)]), abs=6e-5)
+        assert float(row[5]) == pytest.approx(np.mean([psnr(t, g) for t, g in zip(targets, images)]), abs=6e-3)
+        if sampler != "ddim":
+            versus = np.mean([psnr(r, g) for r, g in zip(reference, images)])
+            assert float(row[6]) == pytest.approx(versus, abs=6e-3)
+    grid = cv2.imread(str(tmp / "out" / "samplers.png"))
+    assert grid.shape == (2 * SIZE, 4 * SIZE, 3)  # 2 pairs: source | target | DPM++ 2 | student 2
