@@ -30,7 +30,7 @@ SCHEMA = {
     "sample": {"steps", "cfg_scale", "scale_pow", "clip_denoised", "num_pairs"},
 }
 # Sections a config may have: `distill` makes a training run distil its teacher into a consistency model.
-OPTIONAL = {"distill": {"teacher", "cfg_scale", "scale_pow", "loss", "huber_c"}}
+OPTIONAL = {"distill": {"teacher", "cfg_scale", "scale_pow", "loss", "huber_c", "weighting"}}
 
 
 class _Loader(yaml.SafeLoader):
@@ -113,9 +113,10 @@ def check_config(cfg, source="config"):
     if config.consistency and "distill" not in cfg:
         raise InputError(f"{source}: model.consistency: true needs a distill section: a consistency model is "
                          f"distilled from a diffusion model (configs/distill_demo.yaml)")
-    from models.consistency import LOSSES
-    if "distill" in cfg and cfg["distill"]["loss"] not in LOSSES:
-        raise InputError(f"{source}: distill.loss must be one of {', '.join(LOSSES)}, got {cfg['distill']['loss']!r}")
+    from models.consistency import LOSSES, WEIGHTINGS
+    for key, allowed in (("loss", LOSSES), ("weighting", WEIGHTINGS)):
+        if "distill" in cfg and cfg["distill"][key] not in allowed:
+            raise InputError(f"{source}: distill.{key} must be one of {', '.join(allowed)}, got {cfg['distill'][key]!r}")
 
 
 def model_config(cfg):

@@ -28,6 +28,7 @@ from .diffusion import mean_flat, prediction_of
 
 GRID_STEPS = 50  # the teacher's ODE grid: the timesteps k i - 1, k = T / GRID_STEPS
 LOSSES = ("huber", "l2")
+WEIGHTINGS = ("uniform", "ict")
 
 
 def scheduler(diffusion, prediction, clip_denoised=False):
@@ -54,6 +55,18 @@ def sampling_timesteps(num_timesteps, steps):
     return grid(num_timesteps)[torch.linspace(GRID_STEPS - 1, 0, steps).round().long()].tolist()
 
 
+def ict_weights(alphas_cumprod, num_timesteps, device=None):
+    """iCT's weighting of a consistency pair t -> t - k (Song & Dhariwal 2023, "Improved Techniques for Training
+    Consistency Models"): 1 / (sigma(t) - sigma(t - k)), sigma = sqrt((1 - alpha_bar) / alpha_bar) the noise level
+    of the equivalent variance-exploding process (0 for the clean data below the grid), on each timestep of the
+    grid, ascending, scaled to average 1 over it. The pairs near the data, whose targets are exact and whose
+    errors are small, weigh the most."""
+    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    sigma = ((1 - ab) / ab).sqrt()[grid(num_timesteps)]
+    weights = 1 / (sigma - torch.cat([sigma.new_zeros(1), sigma[:-1]]))
+    return (weights / weights.mean()).float().to(device)
+
+
 def pseudo_huber(a, b, c):
     """sqrt((a - b)^2 + c^2) - c, elementwise, averaged per sample: L2 for differences well under c, L1 above."""
     return mean_flat(((a - b) ** 2 + c ** 2).sqrt() - c)
@@ -66,19 +79,24 @@ class ConsistencyDistillation(nn.Module):
     student: the XMDPT trained (the run's model); target: its EMA, which the loop updates; teacher: the frozen
     XMDPT distilled. The student and the target start from the teacher's weights (MIPNet, which only trains the
     teacher, left out). loss: 'huber' (pseudo-Huber with `huber_c`, robust to the large early differences) or
-    'l2'. clip_denoised: every x0 estimate is clamped to [-1, 1], in the teacher's DDIM steps as in the consistency
+    'l2'. weighting: 'uniform' (LCM: every pair of the grid alike) or 'ict' (`ict_weights`). clip_denoised: every x0 estimate is clamped to [-1, 1], in the teacher's DDIM steps as in the consistency
     function, as the samplers clamp them (pixel-space models).
     """
 
     def __init__(self, student, target, teacher, diffusion, cfg_scale=2.0, scale_pow=0.01, loss="huber",
-                 huber_c=1e-3, clip_denoised=False):
+                 huber_c=1e-3, weighting="uniform", clip_denoised=False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self.student, self.target, self.teacher, self.diffusion = student, target, teacher.eval(), diffusion
         self.teacher.requires_grad_(False)
         self.cfg_scale, self.scale_pow, self.loss, self.huber_c = cfg_scale, scale_pow, loss, huber_c
         self.clip_denoised = clip_denoised
+        n = diffusion.num_timesteps
+        weights = ict_weights(diffusion.alphas_cumprod, n) if weighting == "ict" else torch.ones(GRID_STEPS)
+        self.register_buffer("weights", weights, persistent=False)
         self.scalings = scheduler(diffusion, prediction_of(student)).get_scalings_for_boundary_condition_discrete
         weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith("mipnet.")}
         student.load_state_dict(weights)
@@ -99,7 +117,8 @@ class ConsistencyDistillation(nn.Module):
     def forward(self, x0, cond):
         """x0 (N, C, H, W) target latents; cond: the condition (`pose`, `image` tokens, `source` latent)."""
         timesteps = grid(self.diffusion.num_timesteps, x0.device)
-        t = timesteps[torch.randint(0, GRID_STEPS, (x0.shape[0],), device=x0.device)]
+        i = torch.randint(0, GRID_STEPS, (x0.shape[0],), device=x0.device)
+        t, weight = timesteps[i], self.weights.to(x0.device)[i]
         t_prev = t - (timesteps[0] + 1)  # -1 below the grid's first timestep: the step lands on the clean data
         x_t = self.diffusion.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, dtype=x0.dtype))
         with torch.no_grad():
@@ -108,10 +127,10 @@ class ConsistencyDistillation(nn.Module):
             x_prev = self.diffusion.ddim_step(x_t, t, t_prev, pred, prediction_of(guided), self.clip_denoised)
             target = self.consistency(self.target, x_prev, t_prev.clamp(min=0), cond)  # f(x, 0) = x: the boundary
         estimate = self.consistency(self.student, x_t, t, cond)
-        mse = ((estimate - target) ** 2).mean()
+        mse = (weight * mean_flat((estimate - target) ** 2)).mean()
         if self.loss == "l2":
             return {"total": mse, "mse": mse}
-        huber = pseudo_huber(estimate, target, self.huber_c).mean()
+        huber = (weight * pseudo_huber(estimate, target, self.huber_c)).mean()
         return {"total": huber, "huber": huber, "mse": mse}
 
 

@@ -62,4 +62,5 @@ def build_objective(cfg, model, ema):
     teacher = strict_load(XMDPT(replace(ckpt.config, mipnet="none")), sampling, source)
     teacher.to(next(model.parameters()).device)
     return ConsistencyDistillation(model, ema, teacher, Diffusion(), distill["cfg_scale"], distill["scale_pow"],
-                                  distill["loss"], distill["huber_c"], cfg["sample"]["clip_denoised"])
+                                  distill["loss"], distill["huber_c"], distill["weighting"],
+                                  cfg["sample"]["clip_denoised"])

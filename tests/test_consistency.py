@@ -29,14 +29,14 @@ def condition(n=3, seed=5):
                 source=torch.randn(n, 4, 8, 8, generator=g))
 
 
-def distillation(prediction, clip=False, loss="huber"):
+def distillation(prediction, clip=False, loss="huber", weighting="uniform"):
     """A tiny teacher; a student and target that the objective starts from the teacher's weights, then moved
     apart (so that the test tells student, target and teacher apart)."""
     teacher = randomised(XMDPT(**ARCH, prediction=prediction), 0).eval()
     student = XMDPT(**ARCH, prediction=prediction, mipnet="none", consistency=True)
     target = XMDPT(student.config).requires_grad_(False)
     objective = ConsistencyDistillation(student, target, teacher, Diffusion(), cfg_scale=3.0, scale_pow=0.5,
-                                        loss=loss, huber_c=0.01, clip_denoised=clip)
+                                        loss=loss, huber_c=0.01, weighting=weighting, clip_denoised=clip)
     for name, p in student.named_parameters():
         assert torch.equal(p, teacher.state_dict()[name]) and torch.equal(p, target.state_dict()[name])
     randomised(student, 1), randomised(target, 2)
@@ -133,6 +133,25 @@ def test_l2_loss_is_the_mean_squared_distance():
     estimates, targets = written_out(student, target, teacher, x0, cond, "eps", False)
     torch.testing.assert_close(terms["total"], ((estimates - targets) ** 2).mean(), rtol=2e-4, atol=1e-9)
     assert objective.terms == ("total", "mse") and terms["total"] is terms["mse"]
+
+
+def test_ict_weighting_weighs_each_pair_by_one_over_its_step_in_noise_level():
+    """weighting='ict': each sample's distance times 1 / (sigma(t) - sigma(t - 20)), sigma = sqrt((1 - a) / a)
+    (0 on the clean data below the grid), the weights of the 50 grid timesteps averaging 1."""
+    objective, student, target, teacher = distillation("v", weighting="ict")
+    x0, cond = torch.rand(4, 4, 8, 8, generator=torch.Generator().manual_seed(9)) * 2 - 1, condition(4)
+    torch.manual_seed(51)
+    terms = objective(x0, cond)
+    estimates, targets = written_out(student, target, teacher, x0, cond, "v", False)
+
+    def sigma(t):
+        return 0.0 if t < 0 else math.sqrt((1 - alpha_bar(t)) / alpha_bar(t))
+
+    raw = {t: 1 / (sigma(t) - sigma(t - 20)) for t in range(19, 1000, 20)}
+    weights = torch.tensor([raw[t] / np.mean(list(raw.values())) for t in (19, 119, 999, 339)], dtype=torch.float32)
+    assert weights[0] > 100 * weights[2]  # the pair next to the data weighs far more than the one from noise
+    huber = (((estimates - targets) ** 2 + 0.01 ** 2).sqrt() - 0.01).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(terms["huber"], (weights * huber).mean(), rtol=2e-4, atol=1e-7)
 
 
 def test_the_consistency_function_is_the_identity_at_zero_and_the_estimate_above():

@@ -506,6 +506,7 @@ def test_a_distillation_config_must_describe_a_consistency_student(synth, tiny_t
     for override, message in [("model.consistency=false", "set model.consistency: true and model.mipnet: none"),
                               ("model.mipnet=self-cross", "set model.consistency: true and model.mipnet: none"),
                               ("distill.loss=l1", "distill.loss must be one of huber, l2"),
+                              ("distill.weighting=snr", "distill.weighting must be one of uniform, ict"),
                               ("distill.teachr=x", "unknown key 'teachr' in section 'distill'")]:
         with pytest.raises(InputError, match=message):
             load_config(ROOT / "configs/distill_demo.yaml", [override])
