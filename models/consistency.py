@@ -55,7 +55,7 @@ def sampling_timesteps(num_timesteps, steps):
     return grid(num_timesteps)[torch.linspace(GRID_STEPS - 1, 0, steps).round().long()].tolist()
 
 
-def ict_weights(alphas_cumprod, num_timesteps, device=None):
+def ict_weights(alphas_cumprod, num_timesteps):
     """iCT's weighting of a consistency pair t -> t - k (Song & Dhariwal 2023, "Improved Techniques for Training
     Consistency Models"): 1 / (sigma(t) - sigma(t - k)), sigma = sqrt((1 - alpha_bar) / alpha_bar) the noise level
     of the equivalent variance-exploding process (0 for the clean data below the grid), on each timestep of the
@@ -64,7 +64,7 @@ def ict_weights(alphas_cumprod, num_timesteps, device=None):
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     sigma = ((1 - ab) / ab).sqrt()[grid(num_timesteps)]
     weights = 1 / (sigma - torch.cat([sigma.new_zeros(1), sigma[:-1]]))
-    return (weights / weights.mean()).float().to(device)
+    return (weights / weights.mean()).float()
 
 
 def pseudo_huber(a, b, c):
@@ -74,13 +74,14 @@ def pseudo_huber(a, b, c):
 
 class ConsistencyDistillation(nn.Module):
     """The objective of a consistency distillation run: objective(x0, cond) -> scalar terms (`total`, the
-    distance to the consistency targets, and `mse`, the same as a mean squared error).
+    distance to the consistency targets, and `mse`, the same as a mean squared error; both weighted alike).
 
     student: the XMDPT trained (the run's model); target: its EMA, which the loop updates; teacher: the frozen
     XMDPT distilled. The student and the target start from the teacher's weights (MIPNet, which only trains the
     teacher, left out). loss: 'huber' (pseudo-Huber with `huber_c`, robust to the large early differences) or
-    'l2'. weighting: 'uniform' (LCM: every pair of the grid alike) or 'ict' (`ict_weights`). clip_denoised: every x0 estimate is clamped to [-1, 1], in the teacher's DDIM steps as in the consistency
-    function, as the samplers clamp them (pixel-space models).
+    'l2'. weighting: 'uniform' (LCM: every pair of the grid alike) or 'ict' (`ict_weights`). clip_denoised:
+    every x0 estimate is clamped to [-1, 1], in the teacher's DDIM steps as in the consistency function, as the
+    samplers clamp them (pixel-space models).
     """
 
     def __init__(self, student, target, teacher, diffusion, cfg_scale=2.0, scale_pow=0.01, loss="huber",
@@ -94,9 +95,8 @@ class ConsistencyDistillation(nn.Module):
         self.teacher.requires_grad_(False)
         self.cfg_scale, self.scale_pow, self.loss, self.huber_c = cfg_scale, scale_pow, loss, huber_c
         self.clip_denoised = clip_denoised
-        n = diffusion.num_timesteps
-        weights = ict_weights(diffusion.alphas_cumprod, n) if weighting == "ict" else torch.ones(GRID_STEPS)
-        self.register_buffer("weights", weights, persistent=False)
+        self.pair_weights = (ict_weights(diffusion.alphas_cumprod, diffusion.num_timesteps) if weighting == "ict"
+                             else torch.ones(GRID_STEPS))
         self.scalings = scheduler(diffusion, prediction_of(student)).get_scalings_for_boundary_condition_discrete
         weights = {k: v for k, v in teacher.state_dict().items() if not k.startswith("mipnet.")}
         student.load_state_dict(weights)
@@ -118,7 +118,7 @@ class ConsistencyDistillation(nn.Module):
         """x0 (N, C, H, W) target latents; cond: the condition (`pose`, `image` tokens, `source` latent)."""
         timesteps = grid(self.diffusion.num_timesteps, x0.device)
         i = torch.randint(0, GRID_STEPS, (x0.shape[0],), device=x0.device)
-        t, weight = timesteps[i], self.weights.to(x0.device)[i]
+        t, weight = timesteps[i], self.pair_weights.to(x0.device)[i]
         t_prev = t - (timesteps[0] + 1)  # -1 below the grid's first timestep: the step lands on the clean data
         x_t = self.diffusion.q_sample(x0, t, torch.randn(x0.shape, device=x0.device, dtype=x0.dtype))
         with torch.no_grad():
