@@ -18,10 +18,10 @@ from data.errors import InputError, UserError, one_line, reported
 from data.images import to_uint8
 from data.photo import FRAMINGS, frame_photo
 from data.pose import draw_skeleton, to_image_coords
+from devices import default_device
 from inference.pipeline import (DEMO_CHECKPOINT, DEMO_CONFIG, FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, SAMPLERS,
                                 Pipeline, add_model_arguments, model_files)
 from inference.poses import VIEW_SIZE, pose_from_file, pose_from_photo, pose_overlay
-from models.distributed import default_device
 
 ROOT = Path(__file__).resolve().parent
 GALLERY = sorted((ROOT / "assets" / "poses").glob("*.json"))
@@ -66,8 +66,9 @@ def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler
         keypoints = pose_from_file(pose_path)
     else:
         keypoints = pose_from_file(GALLERY[gallery_index])
-    image = pipe(source.image[None], keypoints=[keypoints], seeds=[int(seed)], steps=int(steps) if steps else None,
-                 cfg_scale=cfg_scale, scale_pow=scale_pow, sampler=sampler, progress=progress)[0]
+    settings = pipe.settings(sampler=sampler, steps=int(steps) if steps else None, cfg_scale=cfg_scale,
+                             scale_pow=scale_pow)
+    image = pipe(source.image[None], keypoints=[keypoints], seeds=[int(seed)], settings=settings, progress=progress)[0]
     return (to_uint8(source.image), to_uint8(pose_overlay(source_rgb, source)), pose_view,
             skeleton_view(keypoints), to_uint8(image))
 
@@ -76,15 +77,20 @@ def build(pipes, demo=False):
     """The page (a gr.Blocks) around loaded pipelines, by name: the first is the default, and with several the
     page offers the choice."""
     first = next(iter(pipes.values()))
-    defaults = first.sample_defaults
 
     def run(name, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed, framing,
             progress=gr.Progress(track_tqdm=True)):
+        pipe = pipes[name]
+        guidance = (None, None) if pipe.model.consistency else (cfg_scale, scale_pow)  # its controls are disabled
         try:
-            return transfer(pipes[name], source, mode, pose_rgb, pose_path, index, None if sampler == OWN else sampler,
-                            steps, cfg_scale, scale_pow, seed, framing, progress=True)
+            return transfer(pipe, source, mode, pose_rgb, pose_path, index, None if sampler == OWN else sampler,
+                            steps, *guidance, seed, framing, progress=True)
         except UserError as e:
             raise gr.Error(one_line(e)) from None
+
+    def guidance_controls(name):
+        """The guidance controls apply to diffusion models only: disabled for a consistency model."""
+        return [gr.update(interactive=not pipes[name].model.consistency)] * 2
 
     def show(mode):
         return [gr.update(visible=mode == m) for m in MODES]
@@ -115,9 +121,11 @@ def build(pipes, demo=False):
                                "for a consistency model)")
             steps = gr.Slider(0, 200, value=0, step=1, label=f"Sampling steps (0: the model's own, "
                               f"{' or '.join(str(p.sample_defaults['steps']) for p in pipes.values())})")
-            cfg_scale = gr.Slider(1.0, 10.0, value=defaults["cfg_scale"], step=0.1,
-                                  label="Guidance scale (diffusion models; the fast model has its guidance folded in)")
-            scale_pow = gr.Number(value=defaults["scale_pow"],
+            diffusion = not first.model.consistency
+            cfg_scale = gr.Slider(1.0, 10.0, value=first.sample_defaults["cfg_scale"], step=0.1, interactive=diffusion,
+                                  label="Guidance scale (diffusion models; the fast model has its guidance folded in)",
+                                  elem_id="cfg-scale")
+            scale_pow = gr.Number(value=first.sample_defaults["scale_pow"], interactive=diffusion, elem_id="scale-pow",
                                   label="Guidance power (power-cosine schedule; diffusion models)")
             seed = gr.Number(value=0, precision=0, label="Seed")
             framing = gr.Radio(list(FRAMINGS), value="person", label="Framing of the photos (person: cropped around "
@@ -131,6 +139,7 @@ def build(pipes, demo=False):
         chosen = gr.State(0)
         gallery.select(selected, None, chosen)
         mode.change(show, mode, [gallery, pose_rgb, pose_path])
+        model.change(guidance_controls, model, [cfg_scale, scale_pow])
         button.click(run, [model, source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow,
                            seed, framing], outputs)
     return page

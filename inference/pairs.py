@@ -4,12 +4,16 @@ Each pair is written as <out>/generated/{name}.png, with its ground truth <out>/
 <out>/source/{name}.png under the same name ({source}_2_{target}_vis, see eval/fid_ssim_lpips.py), plus
 <out>/grids/{name}.png (source | target | skeleton | generated). Pair i's noise comes from item_seed(seed, i)
 (data/sampler.py), so an image depends on neither the batch size nor the order of generation.
+
+Pairs are generated grouped by their source photo, and each photo's share of the encoding (DINOv2-G and the VAE
+encoder, `Pipeline.encode_sources`) is done once for all of its pairs.
 """
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from data.deepfashion import PairDataset
@@ -19,42 +23,63 @@ from data.sampler import item_seed
 KINDS = ("generated", "target", "source")
 
 
-def generate_pairs(pipe, data_root, out, batch_size=16, seed=0, limit=None, overwrite=False, grids=True, rank=0,
-                   world=1, barrier=None, **settings):
-    """Generate every test pair of `data_root` (or the first `limit`); returns the names of all of them and how
-    many this process generated. Pairs whose outputs exist are skipped unless `overwrite`; `settings` go to the
-    pipeline's sampler.
+def by_source(pairs, count):
+    """The indices of the first `count` test pairs grouped by their source photo, in the order each photo first
+    appears: {source path: [pair indices]}."""
+    groups = {}
+    for i in range(count):
+        groups.setdefault(pairs.pairs[i][1][0], []).append(i)
+    return groups
 
-    Across `world` processes (torchrun), process `rank` takes every world-th batch of the batches a single
-    process would make, so each pair is generated in the same batch, and comes out the same; every process
-    lists what exists before any writes (`barrier`, called in between, waits for all of them).
+
+def generate_pairs(pipe, data_root, out, *, settings=None, batch_size=16, seed=0, limit=None, overwrite=False,
+                   grids=True, rank=0, world=1, barrier=None, reuse_sources=True):
+    """Generate every test pair of `data_root` (or the first `limit`), sampled as `settings` (a Sampling; None:
+    the pipeline's defaults); returns the names of all of them and how many this process generated. Pairs whose
+    outputs exist are skipped unless `overwrite`. `reuse_sources`: encode each source photo once for all its
+    pairs (False: once per pair; the images are the same).
+
+    Across `world` processes (torchrun), process `rank` takes every world-th source photo with all of its pairs,
+    so no two processes encode the same photo, and the split depends on the pair list alone, so that a resumed
+    run splits as the first did. Every process lists what exists before any writes (`barrier`, called in
+    between, waits for all of them).
     """
     out = Path(out)
     pairs = PairDataset(data_root, pipe.size, "test")
     count = len(pairs) if limit is None else min(limit, len(pairs))
     names = [pairs.pair_name(i) for i in range(count)]
-    todo = [i for i, name in enumerate(names)
-            if overwrite or not all((out / kind / f"{name}.png").is_file() for kind in KINDS)]
+    done = {i for i, name in enumerate(names) if all((out / kind / f"{name}.png").is_file() for kind in KINDS)}
     if barrier is not None:
         barrier()
-    if len(todo) < count and rank == 0:
-        print(f"{count - len(todo)} of {count} pairs already generated in {out}; skipping them "
-              f"(--overwrite regenerates)")
-    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)][rank::world]
+    if done and not overwrite and rank == 0:
+        print(f"{len(done)} of {count} pairs already generated in {out}; skipping them (--overwrite regenerates)")
+    mine = [i for group in list(by_source(pairs, count).values())[rank::world] for i in group]
+    todo = [i for i in mine if overwrite or i not in done]
+    batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+    encoded = {}  # source path -> its features, while pairs of it may remain
     for batch in tqdm(batches, desc="pairs", unit="batch", disable=rank != 0):
-        items = [pairs[i] for i in batch]
-        stack = lambda k: torch.stack([it[k] for it in items])
-        images = pipe(stack("source"), skeletons=stack("target_skeleton"), seeds=[item_seed(seed, i) for i in batch],
-                      **settings)
-        for item, image in zip(items, images):
-            name = item["name"]
+        items = default_collate([pairs[i] for i in batch])
+        paths = items["source_path"]
+        if reuse_sources:
+            new = {p: j for j, p in enumerate(paths) if p not in encoded}
+            if new:
+                features = pipe.encode_sources(items["source"][list(new.values())])
+                encoded.update({p: {k: v[j:j + 1] for k, v in features.items()} for j, p in enumerate(new)})
+            sources = {k: torch.cat([encoded[p][k] for p in paths]) for k in encoded[paths[0]]}
+            encoded = {paths[-1]: encoded[paths[-1]]}  # the only photo whose pairs may go on into the next batch
+        else:
+            sources = pipe.encode_sources(items["source"])
+        inputs = pipe.pair_inputs(sources, pipe.encode_poses(items["target_skeleton"]),
+                                  [item_seed(seed, i) for i in batch])
+        images = pipe.decode(pipe.sample(inputs, settings=settings))
+        for name, target, source, skeleton, image in zip(items["name"], items["target"], items["source"],
+                                                         items["target_skeleton"], images):
             save_png(image, out / "generated" / f"{name}.png")
-            save_png(item["target"], out / "target" / f"{name}.png")
-            save_png(item["source"], out / "source" / f"{name}.png")
+            save_png(target, out / "target" / f"{name}.png")
+            save_png(source, out / "source" / f"{name}.png")
             if grids:
-                save_png(grid_row(item["source"], item["target"], item["target_skeleton"] * 2 - 1, image),
-                         out / "grids" / f"{name}.png")
-    return names, sum(len(batch) for batch in batches)
+                save_png(grid_row(source, target, skeleton * 2 - 1, image), out / "grids" / f"{name}.png")
+    return names, len(todo)
 
 
 def mean_scores(out, names):

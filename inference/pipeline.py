@@ -1,7 +1,14 @@
 """The inference pipeline: X-MDPT and its frozen encoders, loaded once; source images and target poses in,
 images of the sources' people in the target poses out. infer_xmdpt.py, the web app, training's sample grids
 and the analysis scripts all generate through it.
+
+What the model reads of a pair splits in two. Its source's part (DINOv2-G tokens and the first stage's posterior,
+`encode_sources`) is most of the work of encoding and depends on the photo alone, so it is computed once per
+distinct photo and shared by all of that photo's poses; the pose's part (DINOv2-B tokens of the skeleton,
+`encode_poses`) is computed per pose. `pair_inputs` puts them together, each pair drawing its source latent and
+its noise from its own seed, so an image is the same whether its source was encoded alone or shared.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,10 +16,12 @@ import torch
 from configs import load_config, model_config
 from data.errors import InputError
 from data.pose import draw_skeleton, to_image_coords
+from devices import autocast
 from models import XMDPT, Diffusion
-from models.checkpoint import check_fits, read_checkpoint, strict_load
-from models.consistency import consistency_sample
+from models.consistency import consistency_sample, lcm_timesteps
+from models.diffusion import ddim_timesteps
 from models.encoders import build_encoders
+from models.weights import check_fits, read_checkpoint, strict_load
 
 # The samplers of diffusion models, and that of consistency models (models/consistency.py).
 DIFFUSION_SAMPLERS, CONSISTENCY_SAMPLER = ("ddim", "dpm++"), "lcm"
@@ -29,7 +38,7 @@ def add_model_arguments(parser):
                                        "or an export folder (default: the bundled demo model, assets/xmdpt_demo)")
     parser.add_argument("--fast", action="store_true",
                         help="the bundled fast demo model instead (assets/xmdpt_demo_fast, configs/distill_demo.yaml): "
-                             "the demo model distilled into a consistency model that samples in 4 steps")
+                             "the demo model distilled to sample in 4 steps")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun each "
                                          "process takes the GPU of its local rank)")
     parser.add_argument("--compile", action="store_true",
@@ -50,25 +59,52 @@ def model_files(parser, args):
 
 
 @torch.no_grad()
-def encode_pairs(encoders, sources, skeletons, seeds=None, device="cpu"):
-    """What the model is conditioned on, for pairs of sources (N, 3, S, S) in [-1, 1] and target skeletons
-    (N, 3, S, S) in [0, 1]: DINOv2 tokens of the skeletons (`pose`) and of the sources (`image`), and the
-    sources' latents (`source`). With `seeds` (one int per pair), each pair's generator draws its source's
-    posterior sample, then its starting noise (`noise`), and its state is kept (`generator_states`) for the
-    noise a consistency sampler adds between steps, so a pair's image does not depend on its batch; without,
-    the latents are the posterior means (deterministic) and there is no noise."""
-    sources, skeletons = sources.to(device), skeletons.to(device)
-    mean, logvar = encoders.first_stage.moments(sources)  # (N, C, h, w) each
-    inputs = {"pose": encoders.pose(skeletons), "image": encoders.image(sources)}
+def encode_sources(encoders, images):
+    """What the model reads of source images (N, 3, S, S) in [-1, 1], whatever the pose: their DINOv2 tokens
+    (`image`) and their first stage's posterior moments (`mean`, `logvar`), from which each pair draws its latent."""
+    mean, logvar = encoders.first_stage.moments(images)  # (N, C, h, w) each
+    return {"image": encoders.image(images), "mean": mean, "logvar": logvar}
+
+
+@torch.no_grad()
+def pair_inputs(first_stage, sources, poses, seeds=None):
+    """The model's inputs for N pairs: `sources`, `encode_sources`' output with one row per pair (a photo shared by
+    several pairs repeats its row), and the pose tokens (N, 257, pose_dim) of their target skeletons. With `seeds`
+    (one int per pair), each pair's generator draws its source's posterior sample, then its starting noise
+    (`noise`), and its state is kept (`generator_states`) for the noise a consistency sampler adds between steps,
+    so a pair's image depends on neither its batch nor which pairs share its source; without, the source latents
+    are the posterior means (deterministic) and there is no noise."""
+    mean, logvar = sources["mean"], sources["logvar"]
+    inputs = {"pose": poses, "image": sources["image"]}
     if seeds is None:
-        return dict(inputs, source=mean * encoders.first_stage.scale)
-    if len(seeds) != len(sources):
-        raise ValueError(f"need one seed per pair: {len(sources)} pairs, {len(seeds)} seeds")
-    gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
-    source = torch.cat([encoders.first_stage.sample_from_moments(m[None], l[None], generator=g)
+        return dict(inputs, source=mean * first_stage.scale)
+    if len(seeds) != len(mean):
+        raise ValueError(f"need one seed per pair: {len(mean)} pairs, {len(seeds)} seeds")
+    gens = [torch.Generator(mean.device).manual_seed(int(s)) for s in seeds]
+    source = torch.cat([first_stage.sample_from_moments(m[None], l[None], generator=g)
                         for m, l, g in zip(mean, logvar, gens)])
-    noise = torch.cat([torch.randn(source[:1].shape, generator=g, device=device) for g in gens])
+    noise = torch.cat([torch.randn(source[:1].shape, generator=g, device=mean.device) for g in gens])
     return dict(inputs, source=source, noise=noise, generator_states=[g.get_state() for g in gens])
+
+
+@torch.no_grad()
+def encode_pairs(encoders, sources, skeletons, seeds=None, device="cpu"):
+    """`pair_inputs` of pairs of sources (N, 3, S, S) in [-1, 1] and target skeletons (N, 3, S, S) in [0, 1], each
+    source encoded with its pair."""
+    sources, skeletons = sources.to(device), skeletons.to(device)
+    return pair_inputs(encoders.first_stage, encode_sources(encoders, sources), encoders.pose(skeletons), seeds)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A run's sampling settings, resolved (`Pipeline.settings`): the sampler, its steps, the guidance scale and
+    power (None for a consistency model, whose guidance is folded into its weights), and whether each clean
+    estimate is clamped to [-1, 1]."""
+    sampler: str
+    steps: int
+    cfg_scale: float | None
+    scale_pow: float | None
+    clip_denoised: bool
 
 
 class Pipeline:
@@ -102,9 +138,31 @@ class Pipeline:
         size = (self.size, self.size)
         return torch.stack([draw_skeleton(to_image_coords(k, size), size) for k in keypoints])
 
+    def check_images(self, name, images):
+        """A ValueError naming `name` unless `images` is (N, 3, S, S) at this pipeline's size."""
+        expected = (3, self.size, self.size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"{name} must have shape (N, {', '.join(map(str, expected))}) for this {self.size}px "
+                             f"model, got {tuple(images.shape)}")
+
+    def encode_sources(self, images):
+        """`encode_sources` of source images (N, 3, S, S) in [-1, 1] with this pipeline's encoders."""
+        self.check_images("sources", images)
+        return encode_sources(self.encoders, images.to(self.device))
+
+    @torch.no_grad()
+    def encode_poses(self, skeletons):
+        """The DINOv2 tokens (N, 257, pose_dim) of target skeletons (N, 3, S, S) in [0, 1]."""
+        self.check_images("skeletons", skeletons)
+        return self.encoders.pose(skeletons.to(self.device))
+
+    def pair_inputs(self, sources, poses, seeds=None):
+        """`pair_inputs` with this pipeline's first stage."""
+        return pair_inputs(self.encoders.first_stage, sources, poses, seeds)
+
     def encode(self, sources, skeletons, seeds=None):
-        """`encode_pairs` with this pipeline's encoders."""
-        return encode_pairs(self.encoders, sources, skeletons, seeds, self.device)
+        """The inputs of pairs of source images and target skeletons, each source encoded with its pair."""
+        return self.pair_inputs(self.encode_sources(sources), self.encode_poses(skeletons), seeds)
 
     def sampler_for(self, sampler=None):
         """The sampler to use: `sampler` if it fits the model (an InputError that says which fits if not), or
@@ -120,49 +178,52 @@ class Pipeline:
                              f"is a diffusion model: use {' or '.join(DIFFUSION_SAMPLERS)}, or its distilled student")
         return sampler
 
+    def settings(self, *, sampler=None, steps=None, cfg_scale=None, scale_pow=None):
+        """The sampling settings, resolved here once for the command line, the app and the scripts alike: a
+        setting left None takes the config's `sample` default, the sampler the model's own (`sampler_for`). A
+        guidance scale or power given for a consistency model, or a step count its sampler cannot take, is an
+        InputError."""
+        d, sampler = self.sample_defaults, self.sampler_for(sampler)
+        steps = d["steps"] if steps is None else steps
+        if self.model.consistency:
+            if cfg_scale is not None or scale_pow is not None:
+                raise InputError(f"the guidance scale and power do not apply to {self.description}: a consistency "
+                                 f"model has the guidance it was distilled with folded into its weights")
+            lcm_timesteps(self.diffusion.num_timesteps, steps)
+            return Sampling(sampler, steps, None, None, d["clip_denoised"])
+        ddim_timesteps(self.diffusion.num_timesteps, steps)
+        return Sampling(sampler, steps, d["cfg_scale"] if cfg_scale is None else cfg_scale,
+                        d["scale_pow"] if scale_pow is None else scale_pow, d["clip_denoised"])
+
     @torch.no_grad()
-    def denoise(self, inputs, steps=None, cfg_scale=None, scale_pow=None, sampler=None, progress=False):
-        """Latents from `encode`'s output (with seeds). Settings left None take the config's defaults; sampler:
-        'ddim' (the released sampler) or 'dpm++' (DPM-Solver++) for a diffusion model, 'lcm' for a consistency
-        model (its guidance is folded in: cfg_scale and scale_pow do not apply); None: the model's own.
-        progress: a tqdm bar over the steps."""
-        d = self.sample_defaults
-        steps, cfg_scale = steps or d["steps"], d["cfg_scale"] if cfg_scale is None else cfg_scale
-        scale_pow = d["scale_pow"] if scale_pow is None else scale_pow
-        sampler = self.sampler_for(sampler)
+    def sample(self, inputs, *, settings=None, progress=False):
+        """Latents from `encode`'s or `pair_inputs`' output (with seeds), sampled as `settings` (a `Sampling`;
+        None: the defaults, `settings()`) says. progress: a tqdm bar over the steps."""
+        s = settings or self.settings()
         cond = inputs["pose"], inputs["image"], inputs["source"]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            if sampler == CONSISTENCY_SAMPLER:
-                generators = [torch.Generator(self.device).set_state(s) for s in inputs["generator_states"]]
-                return consistency_sample(self.diffusion, self.model.conditioned(*cond), inputs["noise"], steps,
-                                          generators, d["clip_denoised"], progress)
-            fn = self.model.guided(*cond, cfg_scale, scale_pow)
-            if sampler == "dpm++":
-                return self.diffusion.dpm_solver_sample(fn, inputs["noise"], steps=steps, progress=progress,
-                                                        clip_denoised=d["clip_denoised"])
-            return self.diffusion.ddim_sample(fn, inputs["noise"], steps=steps, progress=progress,
-                                              clip_denoised=d["clip_denoised"])
+        with autocast(self.device):
+            if s.sampler == CONSISTENCY_SAMPLER:
+                generators = [torch.Generator(self.device).set_state(g) for g in inputs["generator_states"]]
+                return consistency_sample(self.diffusion, self.model.conditioned(*cond), inputs["noise"], s.steps,
+                                          generators, s.clip_denoised, progress)
+            fn = self.model.guided(*cond, s.cfg_scale, s.scale_pow)
+            solver = self.diffusion.dpm_solver_sample if s.sampler == "dpm++" else self.diffusion.ddim_sample
+            return solver(fn, inputs["noise"], steps=s.steps, progress=progress, clip_denoised=s.clip_denoised)
 
     @torch.no_grad()
     def decode(self, latents):
         """Latents -> images (N, 3, S, S) in [-1, 1], on the CPU."""
         return self.encoders.first_stage.decode(latents.float()).clamp(-1, 1).cpu()
 
-    def sample(self, inputs, **settings):
-        """Images (N, 3, S, S) in [-1, 1], on the CPU, from `encode`'s output: `denoise`, then `decode`."""
-        return self.decode(self.denoise(inputs, **settings))
-
-    def __call__(self, sources, skeletons=None, keypoints=None, seeds=(0,), **settings):
+    def __call__(self, sources, *, skeletons=None, keypoints=None, seeds=(0,), settings=None, progress=False):
         """Generate: sources (N, 3, S, S) in [-1, 1]; the target pose of each as skeletons (N, 3, S, S) in
-        [0, 1] or as keypoints (N, 18, 2) in the DeepFashion convention; one seed per pair; `sample`'s
-        settings. -> images (N, 3, S, S) in [-1, 1], on the CPU."""
+        [0, 1] or as keypoints (N, 18, 2) in the DeepFashion convention; one seed per pair; the sampling
+        `settings` (a `Sampling`; None: the defaults). -> images (N, 3, S, S) in [-1, 1], on the CPU."""
         if (skeletons is None) == (keypoints is None):
             raise ValueError("give the target poses either as skeletons or as keypoints (one of the two)")
         if skeletons is None:
             skeletons = self.skeletons(keypoints)
-        expected = (len(sources), 3, self.size, self.size)
-        for name, images in (("sources", sources), ("skeletons", skeletons)):
-            if tuple(images.shape) != expected:
-                raise ValueError(f"{name} must have shape {expected} for this {self.size}px model, "
-                                 f"got {tuple(images.shape)}")
-        return self.sample(self.encode(sources, skeletons, seeds), **settings)
+        if len(skeletons) != len(sources):
+            raise ValueError(f"need one target pose per source: {len(sources)} sources, {len(skeletons)} poses")
+        inputs = self.encode(sources, skeletons, seeds)
+        return self.decode(self.sample(inputs, settings=settings, progress=progress))

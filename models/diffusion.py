@@ -48,8 +48,8 @@ def mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
-def sampling_timesteps(num_timesteps, steps):
-    """The original timesteps a `steps`-step sampler visits: round(k * (T-1)/(steps-1)), k = 0..steps-1."""
+def ddim_timesteps(num_timesteps, steps):
+    """The original timesteps a `steps`-step DDIM sampler visits: round(k * (T-1)/(steps-1)), k = 0..steps-1."""
     if not 1 <= steps <= num_timesteps:
         raise InputError(f"sampling steps must be in [1, {num_timesteps}], got {steps}")
     stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1
@@ -199,7 +199,7 @@ class Diffusion:
         clip_denoised clamps each x0 prediction to [-1, 1] (for pixel-space models; the released latent
         models sample without it)."""
         refuse_consistency_models(model_fn, "DDIM")
-        kept = sampling_timesteps(self.num_timesteps, steps)
+        kept = ddim_timesteps(self.num_timesteps, steps)
         prediction = prediction_of(model_fn)
         x = z
         for i in tqdm(range(steps - 1, -1, -1), disable=not progress, desc="DDIM"):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from data.errors import InputError, MissingFileError
+from devices import autocast
 
 # DINOv2 variants: the timm architecture and the width of its tokens.
 DINOV2 = {
@@ -26,11 +27,6 @@ DINOV2 = {
 DINOV2_SIZE = 224  # input resolution of the released models: 16x16 patches of 14 pixels
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as the released models were trained with
 SD_VAE_GEOMETRY = (8, 4)  # the SD VAE's downsampling and latent channels
-
-
-def _autocast(x):
-    """bf16 autocast on CUDA (as the released code ran the encoders); a no-op on CPU, which stays float32."""
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda)
 
 
 class Frozen(nn.Module):
@@ -84,21 +80,21 @@ def dino_input(x):
                          antialias=False)
 
 
-def resample_pos_embed(pos_embed, grid):
-    """Resample the patch position grid to grid x grid the way DINOv2 does at run time.
+def resample_pos_embed(pos_embed, side):
+    """Resample the patch position embedding to a side x side token map the way DINOv2 does at run time.
 
-    DINOv2's interpolate_pos_encoding: bicubic, scale factor (grid + 0.1) / old grid, no antialiasing, in
-    float32, and nothing at all when the grid already fits. Doing it once before loading gives the torch.hub
+    DINOv2's interpolate_pos_encoding: bicubic, scale factor (side + 0.1) / old side, no antialiasing, in
+    float32, and nothing at all when the map already fits. Doing it once before loading gives the torch.hub
     model's features exactly; timm's own resampling (to the target size, antialiased) does not.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = round(patch_pos.shape[1] ** 0.5)
-    if old == grid:
+    if old == side:
         return pos_embed
     dim = pos_embed.shape[-1]
     patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, scale_factor=(grid + 0.1) / old, mode="bicubic", antialias=False)
-    assert patch_pos.shape[-2:] == (grid, grid), patch_pos.shape
+    patch_pos = F.interpolate(patch_pos, scale_factor=(side + 0.1) / old, mode="bicubic", antialias=False)
+    assert patch_pos.shape[-2:] == (side, side), patch_pos.shape
     return torch.cat([cls_pos.float(), patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
 
@@ -111,7 +107,7 @@ def load_dinov2_state_dict(path, net):
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     state["pos_embed"] = resample_pos_embed(state["pos_embed"], net.patch_embed.grid_size[0])
-    # timm's filter renames the original keys (drops mask_token, mlp.w12/w3 -> fc1/fc2 for vitg14); the grid
+    # timm's filter renames the original keys (drops mask_token, mlp.w12/w3 -> fc1/fc2 for vitg14); the map
     # already fits, so it leaves the positions alone.
     return checkpoint_filter_fn(state, net)
 
@@ -136,7 +132,7 @@ class DINOv2(Frozen):
     @torch.no_grad()
     def forward(self, x):
         x = dino_input(x)  # (N, 3, 224, 224)
-        with _autocast(x):
+        with autocast(x.device):
             return self.net.forward_features(x).float()  # (N, 257, dim)
 
 
@@ -222,13 +218,13 @@ class VAEFirstStage(FirstStage):
 
     @torch.no_grad()
     def moments(self, x):
-        with _autocast(x):
+        with autocast(x.device):
             posterior = self.vae.encode(x).latent_dist
         return posterior.mean.float(), posterior.logvar.float()
 
     @torch.no_grad()
     def decode(self, z):
-        with _autocast(z):
+        with autocast(z.device):
             return self.vae.decode(z / self.scale).sample.float()
 
 

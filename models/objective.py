@@ -1,28 +1,39 @@
-"""X-MDPT's training objective: what one step computes from a batch's model inputs.
+"""What one training step computes from a batch's model inputs: an `Objective`, and X-MDPT's own loss.
 
 An objective is a module: objective(x0, cond) -> a dict of scalar loss terms, `total` among them, which is what
 the step back-propagates; its `terms` name them all, in the order they are logged. The training loop knows
-nothing else of it, so another objective plugs into the same loop: `build_objective` gives X-MDPT's loss, or
-consistency distillation (models/consistency.py) when the config has a `distill` section.
+nothing else of it, so every objective runs in the same loop: X-MDPT's loss here, consistency distillation
+(models/consistency.py) and distribution matching distillation (models/dmd2.py); training/recipes.py picks one
+from the config. An objective that trains networks of its own (a distillation's fake score) steps their optimizer
+in `update`, after the loop's step, and keeps what a resumed run needs of them in `run_state`.
 
 X-MDPT's loss is the hybrid loss (MSE + VLB, learned sigma) of an unmasked forward plus, with MIPNet, that of a
 masked forward on the same x_t, t and noise. Its terms are named by forward, `plain_*` and `masked_*` (`loss`,
 `mse`, `vb`, means over the batch).
 """
-from dataclasses import replace
-
 import torch
 import torch.nn as nn
 
-from data.errors import InputError
 
-from .checkpoint import check_fits, read_checkpoint, strict_load
-from .consistency import ConsistencyDistillation
-from .diffusion import Diffusion
-from .xmdpt import XMDPT
+class Objective(nn.Module):
+    """The interface the training loop sees. `alternating`: some of its parameters get no gradient at some steps
+    (a distillation that updates its student every few steps), which DistributedDataParallel must be told."""
+
+    terms = ("total",)
+    alternating = False
+
+    def update(self):
+        """After the loop's optimizer step: step the objective's own networks, if it has any (none here)."""
+
+    def run_state(self):
+        """What a checkpoint keeps of the objective itself, for an exact resume (nothing here)."""
+        return {}
+
+    def load_run_state(self, state):
+        """Take up what `run_state` returned (nothing to take up here)."""
 
 
-class XMDPTLoss(nn.Module):
+class XMDPTLoss(Objective):
     """The loss of one step, as one module, so that DistributedDataParallel sees one forward per backward."""
 
     def __init__(self, model, diffusion):
@@ -44,23 +55,3 @@ class XMDPTLoss(nn.Module):
             terms.update({f"masked_{k}": v.mean() for k, v in masked.items()})
             terms["total"] = terms["plain_loss"] + terms["masked_loss"]
         return terms
-
-
-def build_objective(cfg, model, ema):
-    """The objective of a training config for `model` and its EMA: X-MDPT's loss, or with a `distill` section,
-    the consistency distillation of `distill.teacher` (any checkpoint the loader reads) into the model, which
-    then starts, with its EMA, from the teacher's weights."""
-    distill = cfg.get("distill")
-    if distill is None:
-        return XMDPTLoss(model, Diffusion())
-    source = f"distill.teacher {distill['teacher']}"
-    ckpt = read_checkpoint(distill["teacher"])
-    if ckpt.config.consistency:
-        raise InputError(f"{source} is a consistency model already; distil the diffusion model it came from")
-    check_fits(ckpt.config, replace(model.config, consistency=False), source, "the student (the model section)")
-    sampling = {k: v for k, v in ckpt.weights.items() if not k.startswith("mipnet.")}  # it samples: MIPNet only trains
-    teacher = strict_load(XMDPT(replace(ckpt.config, mipnet="none")), sampling, source)
-    teacher.to(next(model.parameters()).device)
-    return ConsistencyDistillation(model, ema, teacher, Diffusion(), distill["cfg_scale"], distill["scale_pow"],
-                                  distill["loss"], distill["huber_c"], distill["weighting"],
-                                  cfg["sample"]["clip_denoised"])

@@ -12,11 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def sincos_pos_embed(dim, grid):
-    """2-D sin-cos position embedding (grid*grid, dim): first half encodes the column, second the row."""
+def sincos_pos_embed(dim, side):
+    """2-D sin-cos position embedding (side*side, dim) of a side x side token map: the first half encodes the
+    column, the second the row."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64),
+                                torch.arange(side, dtype=torch.float64), indexing="ij")
 
     def encode(pos):
         angles = pos.reshape(-1, 1) * omega
@@ -36,11 +37,11 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size, patch_size, in_channels, dim):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.grid = input_size // patch_size
+        self.side = input_size // patch_size  # tokens per side of the latent's token map
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, side, side) -> (N, side*side, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -59,19 +60,21 @@ class TimestepEmbedder(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-    """Learned bias per head for every (query, key) offset on a grid x grid token map.
+    """Learned bias per head for every (query, key) offset on a side x side token map (L = side^2 tokens).
 
-    The table has (2g-1)^2 + 3 rows, as in BEiT (the last three are unused here). Without gradient the
-    (heads, L, L) bias is computed once and reused until the table changes.
+    The table has (2 side - 1)^2 + 3 rows, one per offset (dy, dx) in [-(side-1), side-1]^2, as in BEiT (the last
+    three rows are unused here). Without gradient the (heads, L, L) bias is computed once and reused until the
+    table changes.
     """
 
-    def __init__(self, grid, num_heads):
+    def __init__(self, side, num_heads):
         super().__init__()
-        self.table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, num_heads))
+        self.table = nn.Parameter(torch.zeros((2 * side - 1) ** 2 + 3, num_heads))  # (offsets + 3, heads)
         nn.init.trunc_normal_(self.table, std=0.02)
-        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
-        offset = coords[:, :, None] - coords[:, None, :] + grid - 1
-        self.register_buffer("index", offset[0] * (2 * grid - 1) + offset[1], persistent=False)
+        coords = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")).flatten(1)  # (2, L)
+        offset = coords[:, :, None] - coords[:, None, :] + side - 1  # (2, L, L): query minus key, shifted to >= 0
+        # (L, L): the table row of each (query, key) pair, the offset (dy, dx) read as one index, row-major
+        self.register_buffer("index", offset[0] * (2 * side - 1) + offset[1], persistent=False)
         self._cache = None
 
     def forward(self):
@@ -83,14 +86,15 @@ class RelativePositionBias(nn.Module):
         return self._cache[1]
 
     def _compute(self):
-        n = self.index.shape[0]
+        n = self.index.shape[0]  # L
+        # (L*L, heads) rows of the table -> (L, L, heads) -> (heads, L, L)
         return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
 
 
 class Attention(nn.Module):
     """Multi-head attention with a relative position bias; `cross=True` takes keys/values from a context."""
 
-    def __init__(self, dim, num_heads, grid, cross=False):
+    def __init__(self, dim, num_heads, side, cross=False):
         super().__init__()
         self.num_heads, self.cross = num_heads, cross
         if cross:
@@ -99,22 +103,24 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.rel_pos_bias = RelativePositionBias(grid, num_heads)
+        self.rel_pos_bias = RelativePositionBias(side, num_heads)
 
     def forward(self, x, ids_keep=None, context=None):
+        """x (N, L, D) queries (L = K kept tokens when ids_keep (N, K) is given); context (N, L, D) the keys and
+        values of cross-attention -> (N, L, D)."""
         n, length, dim = x.shape
-        split = lambda z: z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        split = lambda z: z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (N, L, D) -> (N, H, L, D/H)
         if self.cross:
-            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+            q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)  # (N, L, D) each
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        bias = self.rel_pos_bias()
-        if ids_keep is not None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # (N, L, 3D) -> 3 x (N, L, D)
+        bias = self.rel_pos_bias()  # (H, L, L)
+        if ids_keep is not None:  # the kept tokens' rows and columns, per sample: (H, N, K, K) -> (N, H, K, K)
             bias = bias[:, ids_keep[:, :, None], ids_keep[:, None, :]].transpose(0, 1)
         else:
-            bias = bias.unsqueeze(0)  # a 4-D mask lets SDPA take its fused kernel (3-D falls back to math)
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+            bias = bias.unsqueeze(0)  # (1, H, L, L): a 4-D mask lets SDPA take its fused kernel (3-D falls back)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias.to(q.dtype))  # (N, H, L, D/H)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))  # (N, L, H, D/H) -> (N, L, D)
 
 
 class Mlp(nn.Module):
@@ -132,10 +138,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """AdaLN-Zero transformer block: c gives shift, scale and gate for the attention and the MLP."""
 
-    def __init__(self, dim, num_heads, grid, mlp_ratio=4.0, cross=False):
+    def __init__(self, dim, num_heads, side, mlp_ratio=4.0, cross=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads, grid, cross=cross)
+        self.attn = Attention(dim, num_heads, side, cross=cross)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -186,11 +192,11 @@ class TDNet(nn.Module):
         super().__init__()
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.grid = self.x_embedder.grid
-        self.num_patches = self.grid * self.grid
-        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid).unsqueeze(0))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid).unsqueeze(0))
-        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, self.grid, mlp_ratio) for _ in range(depth))
+        self.side = self.x_embedder.side
+        self.num_patches = self.side * self.side
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.side).unsqueeze(0))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.side).unsqueeze(0))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, self.side, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.split = depth - decode_layer
         self.patch_size, self.out_channels = patch_size, out_channels
@@ -230,5 +236,5 @@ class TDNet(nn.Module):
         """(N, L, p * p * out) -> (N, out, H, W)."""
         n, length, _ = h.shape
         g, p = int(round(length ** 0.5)), self.patch_size
-        h = h.reshape(n, g, g, p, p, self.out_channels)
-        return torch.einsum("nhwpqc->nchpwq", h).reshape(n, self.out_channels, g * p, g * p)
+        h = h.reshape(n, g, g, p, p, self.out_channels)  # (N, rows, columns, p, p, out)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(n, self.out_channels, g * p, g * p)  # (N, out, H, W)

@@ -88,6 +88,10 @@ XMDPT_CONFIGS = {
 }
 
 
+# The released power-cosine guidance's defaults: its scale s and power p.
+GUIDANCE = {"cfg_scale": 2.0, "scale_pow": 0.01}
+
+
 def guidance_scale(t, cfg_scale, scale_pow, num_timesteps=NUM_TIMESTEPS):
     """Power-cosine guidance: 1 + (s - 1) * (1 - cos(pi * (1 - t/T)^p)) / 2 for original timesteps t."""
     ramp = (1 - torch.cos(((1 - t / num_timesteps) ** scale_pow) * math.pi)) / 2
@@ -140,7 +144,7 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         self.canet = CANet(c.hidden_size, c.pose_dim, c.image_dim, self.tdnet.num_patches, c.dino_tokens,
                            c.aggregation)
         self.mipnet = None if c.mipnet == "none" else \
-            MIPNet(c.hidden_size, c.num_heads, self.tdnet.grid, c.mlp_ratio, c.mask_ratio, c.mipnet)
+            MIPNet(c.hidden_size, c.num_heads, self.tdnet.side, c.mlp_ratio, c.mask_ratio, c.mipnet)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -239,7 +243,7 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         self.denoise = torch.compile(self.denoise, **options)
         return self
 
-    def guided(self, pose, image, source, cfg_scale=2.0, scale_pow=0.01):
+    def guided(self, pose, image, source, cfg_scale=GUIDANCE["cfg_scale"], scale_pow=GUIDANCE["scale_pow"]):
         """A denoiser fn(x, t) -> (N, out_channels, H, W) with classifier-free guidance, for sampling.
 
         y is computed here, once per sample; each call runs the conditional and unconditional halves as one
@@ -275,6 +279,7 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         fn.prediction, fn.consistency = c.prediction, c.consistency
         return fn
 
-    def forward_with_cfg(self, x, t, pose, image, source, cfg_scale=2.0, scale_pow=0.01):
+    def forward_with_cfg(self, x, t, pose, image, source, cfg_scale=GUIDANCE["cfg_scale"],
+                         scale_pow=GUIDANCE["scale_pow"]):
         """The guided output (N, out_channels, H, W) of `guided` at x and t, in one call."""
         return self.guided(pose, image, source, cfg_scale, scale_pow)(x, t)

@@ -18,7 +18,7 @@ from configs import load_config
 from data.cache import META_KEY, cache_key, encoder_signature
 from data.deepfashion import PairDataset
 from data.lmdb import LMDBWriter
-from models.distributed import default_device
+from devices import default_device
 from models.encoders import build_encoders
 
 

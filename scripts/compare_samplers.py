@@ -18,16 +18,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from configs import load_config
 from data.deepfashion import PairDataset
 from data.images import grid_row, to_uint8
 from data.sampler import item_seed
+from devices import default_device
 from eval.metrics import psnr, ssim
 from inference.pipeline import FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, Pipeline, model_files
-from models.distributed import default_device
-from scripts.benchmark import sync
+from measure.timing import sync
 
 
 def sharpness(rgb):
@@ -41,17 +42,17 @@ def compare(teacher, student, pairs, rows, seed=0, batch_size=16):
     images = {row: [] for row in rows}
     seconds = dict.fromkeys(rows, 0.0)
     for start in tqdm(range(0, len(pairs), batch_size), desc="pairs", unit="batch"):
-        items = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-        sources = torch.stack([it["source"] for it in items])
-        skeletons = torch.stack([it["target_skeleton"] for it in items])
-        inputs = teacher.encode(sources, skeletons, [item_seed(seed, start + j) for j in range(len(items))])
+        items = default_collate(pairs[start:start + batch_size])
+        seeds = [item_seed(seed, i) for i in range(start, start + len(items["name"]))]
+        inputs = teacher.encode(items["source"], items["target_skeleton"], seeds)
         for row in rows:
             _, pipe, sampler, steps = row
+            settings = pipe.settings(sampler=sampler, steps=steps)
             if start == 0:
-                pipe.denoise(inputs, steps=steps, sampler=sampler)  # untimed warm-up: CUDA start-up, compilation
+                pipe.sample(inputs, settings=settings)  # untimed warm-up: CUDA start-up, compilation
             sync(teacher.device)
             tic = time.perf_counter()
-            latents = pipe.denoise(inputs, steps=steps, sampler=sampler)
+            latents = pipe.sample(inputs, settings=settings)
             sync(teacher.device)
             seconds[row] += time.perf_counter() - tic
             images[row].append(pipe.decode(latents))

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from configs import CONFIG_DIR, load_config
 from data.deepfashion import PairDataset
 from data.errors import InputError
+from devices import autocast, default_device
 from inference import Pipeline
-from models.distributed import default_device
 
 LABELS = {
     "y": "y = CANet(pose, global, local)",
@@ -82,12 +82,11 @@ def condition_features(pipe, dataset, paths, target_pose, batch_size=16):
     """{representation: (len(paths), dim) float32 on the CPU} of the views `paths` with the skeleton of
     the image `target_pose` as the target pose."""
     skeleton = dataset.skeleton(target_pose)
-    autocast = torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=pipe.device.type == "cuda")
     features = {}
     for start in tqdm(range(0, len(paths), batch_size), desc="views", unit="batch"):
         images = torch.stack([dataset.load_image(p) for p in paths[start:start + batch_size]])
         inputs = pipe.encode(images, skeleton.expand(len(images), -1, -1, -1))  # latents: posterior means
-        with autocast:
+        with autocast(pipe.device):
             heads = pipe.model.condition_heads(inputs["pose"], inputs["image"], inputs["source"])
             batch = {"y": pipe.model.condition(inputs["pose"], inputs["image"], inputs["source"]),
                      "global_head": heads.get("global"), "local_head": heads.get("local"),

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from data.deepfashion import ImageList, open_images
 from data.files import atomic_path
 from data.images import to_tensor
+from devices import autocast, default_device
 from eval.images import listed_keys
-from models.distributed import default_device
 from models.encoders import load_autoencoder
 
 FROZEN_PREFIXES = ("encoder.", "quant_conv.")  # everything before the latent; the decoder side trains
@@ -53,7 +53,6 @@ def finetune_decoder(vae_dir, data, out, size=256, split="train", steps=10000, b
     dataset = split_images(data, size, split)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                         drop_last=len(dataset) >= batch_size)
-    device_type = torch.device(device).type
 
     def batches():
         while True:
@@ -63,7 +62,7 @@ def finetune_decoder(vae_dir, data, out, size=256, split="train", steps=10000, b
     bar = tqdm(zip(range(steps), batches()), total=steps, disable=not progress)
     for step, x in bar:
         x = x.to(device)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        with autocast(device):
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.sample()
             recon = vae.decode(z).sample.float()

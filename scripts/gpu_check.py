@@ -28,11 +28,14 @@ from pathlib import Path
 
 import torch
 
+from devices import autocast, default_device
+from measure.timing import gflops, timed
+from measure.workloads import measure_inference, measure_training, random_inputs, real_encoders, released_guided_step
 from models import XMDPT, XMDPT_CONFIGS
-from models.distributed import default_device
 from models.encoders import SD_VAE_GEOMETRY
-from scripts.benchmark import (ROOT, autocast, encoders, gflops, measure_inference, measure_training, random_inputs,
-                               released_schedule_step, timed)
+from models.xmdpt import GUIDANCE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, by a name the device's name contains (the
 # first that matches: GH200 before H200, A100 before A10, L40S before L4).
@@ -64,8 +67,8 @@ class Sizes:
 
     def encoders(self, device):
         if self.quick:
-            return encoders(device, "vits14", "vits14", TINY_VAE, depth=1)
-        return encoders(device)
+            return real_encoders(device, "vits14", "vits14", TINY_VAE, depth=1)
+        return real_encoders(device)
 
 
 def fresh(device):
@@ -109,10 +112,10 @@ def sampling(sizes, device):
             p.data.normal_(0, 0.02)
         x, t, cond = random_inputs(model, sizes.batch, device)
         with autocast(device):
-            guided = model.guided(**cond, cfg_scale=2.0, scale_pow=0.01)
-            ours, released = guided(x, t), released_schedule_step(model, x, t, **cond, cfg_scale=2.0, scale_pow=0.01)
+            guided = model.guided(**cond, **GUIDANCE)
+            ours, released = guided(x, t), released_guided_step(model, x, t, **cond, **GUIDANCE)
             eager_s = timed(lambda: guided(x, t), device, sizes.repeats)
-            released_s = timed(lambda: released_schedule_step(model, x, t, **cond, cfg_scale=2.0, scale_pow=0.01),
+            released_s = timed(lambda: released_guided_step(model, x, t, **cond, **GUIDANCE),
                                device, sizes.repeats)
             work = gflops(lambda: guided(x, t))
             model.compile_denoiser(backend=sizes.compile_backend)
@@ -165,7 +168,7 @@ def inference(sizes, device):
     model = XMDPT(sizes.config("XMDPT-S/2"), mipnet="none").to(device).eval()
     x, t, cond = random_inputs(model, sizes.batch, device)
     with autocast(device):
-        step_s = timed(lambda: released_schedule_step(model, x, t, **cond, cfg_scale=2.0, scale_pow=0.01), device, 1)
+        step_s = timed(lambda: released_guided_step(model, x, t, **cond, **GUIDANCE), device, 1)
     released = 1 / (1 / ours["encoders"] + sizes.steps * step_s / sizes.batch + 1 / ours["decoding"])
     kind = device_kind(device)
     versus = f"the paper: {PAPER_S_PER_IMAGE} s on an A100"

@@ -32,7 +32,8 @@ def table(tmp_path_factory):
 
 def alone(pipeline, pair, seed, **settings):
     """A pair's image drawn by itself, with its own seed."""
-    image = pipeline(pair["source"][None], pair["target_skeleton"][None], seeds=[seed], **settings)[0]
+    image = pipeline(pair["source"][None], skeletons=pair["target_skeleton"][None], seeds=[seed],
+                     settings=pipeline.settings(**settings))[0]
     return to_uint8(image)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import XMDPT, Diffusion
-from models.diffusion import sampling_timesteps
+from models.diffusion import ddim_timesteps
 
 
 def test_schedule_is_linear_float64():
@@ -15,14 +15,14 @@ def test_schedule_is_linear_float64():
     assert d.alphas_cumprod[-1] == pytest.approx(np.prod(1 - d.betas))
 
 
-def test_sampling_timesteps():
-    kept = sampling_timesteps(1000, 50)
+def test_ddim_timesteps():
+    kept = ddim_timesteps(1000, 50)
     assert kept == [round(k * 999 / 49) for k in range(50)]
     assert kept[0] == 0 and kept[-1] == 999
-    assert sampling_timesteps(1000, 1) == [0]
-    assert sampling_timesteps(1000, 1000) == list(range(1000))
+    assert ddim_timesteps(1000, 1) == [0]
+    assert ddim_timesteps(1000, 1000) == list(range(1000))
     with pytest.raises(ValueError, match="steps"):
-        sampling_timesteps(1000, 0)
+        ddim_timesteps(1000, 0)
 
 
 def test_ddim_recovers_x0_for_an_oracle_model():
@@ -30,7 +30,7 @@ def test_ddim_recovers_x0_for_an_oracle_model():
     d = Diffusion()
     x0 = torch.randn(2, 3, 4, 4)
     for steps in (1, 7, 50):
-        kept = sampling_timesteps(1000, steps)
+        kept = ddim_timesteps(1000, steps)
         t_last = torch.full((2,), kept[-1])
         noise = torch.randn_like(x0)
         z = d.q_sample(x0, t_last, noise)

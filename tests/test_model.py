@@ -7,7 +7,7 @@ import torch
 
 from data.errors import InputError
 from models import XMDPT, XMDPT_CONFIGS, Diffusion, XMDPTConfig, export, load_checkpoint
-from models.checkpoint import check_fits, convert_released_state_dict, read_checkpoint
+from models.weights import check_fits, convert_released_state_dict, read_checkpoint
 from models.xmdpt import TRAINING_ONLY
 
 TOL = 1e-4

@@ -54,11 +54,11 @@ def convert_released_state_dict(state_dict):
     out = {}
     for key, value in state_dict.items():
         if key.endswith("relative_position_index"):
-            grid = int(round(value.shape[0] ** 0.5))
-            expected = RelativePositionBias(grid, 1).index
+            side = int(round(value.shape[0] ** 0.5))
+            expected = RelativePositionBias(side, 1).index
             if value.shape != expected.shape or not torch.equal(value.long(), expected):
                 raise InputError(f"released checkpoint: {key} is not the standard relative position index "
-                                 f"for a {grid}x{grid} grid")
+                                 f"for a {side}x{side} token map")
             continue
         for pattern, repl in _RELEASED_RENAMES:
             key = re.sub(pattern, repl, key)
