@@ -15,8 +15,8 @@ def default_device():
 def autocast(device, enabled=True):
     """bf16 autocast on a CUDA device (when `enabled`), as the released code ran; a no-op elsewhere: the CPU
     computes in float32."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    cuda = torch.device(device).type == "cuda"
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=enabled and cuda)
 
 
 def setup_distributed():

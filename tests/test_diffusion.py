@@ -156,10 +156,12 @@ def test_v_prediction_samplers_match_eps_ones():
         return (eps - (1 - a).sqrt() * x) / a.sqrt()
 
     v_fn = predicting("v", v_fn)
-    z = d.q_sample(x0, torch.full((2,), 999), torch.randn_like(x0))
-    assert torch.allclose(d.ddim_sample(v_fn, z, steps=10), d.ddim_sample(eps_fn, z, steps=10), atol=1e-3)
-    assert torch.allclose(d.dpm_solver_sample(v_fn, z, steps=10), d.dpm_solver_sample(eps_fn, z, steps=10),
-                          atol=1e-3)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    z = d.q_sample(x0, torch.full((2,), 999), noise)
+    # The toy denoiser drives the samples to hundreds: the tolerance is relative (diffusers' scheduler keeps its
+    # schedule in float32, about 1e-5 of a value, over 40 draws of the noise).
+    for sampler in (d.ddim_sample, d.dpm_solver_sample):
+        torch.testing.assert_close(sampler(v_fn, z, steps=10), sampler(eps_fn, z, steps=10), rtol=1e-4, atol=1e-3)
 
 
 def test_the_prediction_type_travels_with_the_model():

@@ -110,7 +110,9 @@ def test_parameter_counts_match_released():
 
 @pytest.mark.slow
 def test_parameter_count_large():
-    assert round(count(XMDPT(**XMDPT_CONFIGS["XMDPT-L/2"]), True) / 1e6, 2) == 461.13
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = XMDPT(**XMDPT_CONFIGS["XMDPT-L/2"])
+    assert round(count(model, True) / 1e6, 2) == 461.13
 
 
 def tiny(**kw):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.data import default_collate
 
 from data.deepfashion import PairDataset
 from data.sampler import item_seed
@@ -108,9 +109,9 @@ class SampleGrids:
 
     def __init__(self, cfg, encoders, device):
         test = PairDataset(cfg["data"]["root"], cfg["data"]["size"], "test")
-        items = [test[i] for i in range(min(cfg["sample"]["num_pairs"], len(test)))]
-        self.images = {k: torch.stack([it[k] for it in items]) for k in ("source", "target", "target_skeleton")}
-        seeds = [item_seed(cfg["train"]["seed"], i) for i in range(len(items))]
+        count = min(cfg["sample"]["num_pairs"], len(test))
+        self.images = default_collate([test[i] for i in range(count)])
+        seeds = [item_seed(cfg["train"]["seed"], i) for i in range(count)]
         self.inputs = encode_pairs(encoders, self.images["source"], self.images["target_skeleton"], seeds, device)
 
     @torch.no_grad()
