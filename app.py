@@ -3,11 +3,13 @@
   python app.py                          # the bundled demo model, at http://127.0.0.1:7860
   python app.py --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s_ema_0.9999_300000.pt --device cuda
 
-The page takes a photo of a person and a target pose from another photo, from a keypoint file (DeepFashion
-.txt or OpenPose .json) or from the gallery (assets/poses). It shows the photo framed as the model sees it,
-the skeletons found on the photos, the target skeleton and the generated image. It runs the same Pipeline and
-the same framing of photos and poses as infer_xmdpt.py (data/photo.py, inference/poses.py), so the same inputs
-and seed give the same image. Errors (no person, too few joints, an unreadable file) appear on the page.
+The page takes a photo of a person (or one of the example photos, the demo set's test sources) and a target pose
+from another photo, from a keypoint file (DeepFashion .txt or OpenPose .json) or from the gallery (assets/poses).
+It shows the photo framed as the model sees it, the skeletons found on the photos, the target skeleton and the
+generated image; "All poses" draws the photo in every pose of the gallery, the photo encoded once. It runs the
+same Pipeline and the same framing of photos and poses as infer_xmdpt.py (data/photo.py, inference/poses.py), so
+the same inputs and seed give the same image. Errors (no person, too few joints, an unreadable file) appear on
+the page.
 """
 import argparse
 from pathlib import Path
@@ -16,15 +18,17 @@ import gradio as gr
 
 from data.errors import InputError, UserError, one_line, reported
 from data.images import to_uint8
-from data.photo import FRAMINGS, frame_photo
-from data.pose import draw_skeleton, to_image_coords
+from data.photo import FRAMINGS, dataset_photo, frame_photo
+from data.pose import draw_skeleton, load_keypoints, to_image_coords
 from devices import default_device
 from inference.pipeline import (DEMO_CHECKPOINT, DEMO_CONFIG, FAST_DEMO_CHECKPOINT, FAST_DEMO_CONFIG, SAMPLERS,
                                 Pipeline, add_model_arguments, model_files)
-from inference.poses import VIEW_SIZE, pose_from_file, pose_from_photo, pose_overlay
+from inference.poses import VIEW_SIZE, contact_sheet, pose_from_file, pose_from_photo, pose_overlay
 
 ROOT = Path(__file__).resolve().parent
 GALLERY = sorted((ROOT / "assets" / "poses").glob("*.json"))
+# Example photos: test sources of the demo set, each with its keypoint file (a dataset picture is framed already).
+EXAMPLES = sorted((ROOT / "assets" / "examples").glob("*.png"))
 MODES = ("gallery", "photo", "keypoint file")
 # Images at the model's size (32x32 for the demo) are shown as large as the others, pixel for pixel.
 CSS = "#framed img, #generated img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
@@ -46,14 +50,28 @@ def skeleton_view(keypoints):
     return to_uint8(draw_skeleton(to_image_coords(keypoints, size), size) * 2 - 1)
 
 
-def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler=None, steps=None,
-             cfg_scale=None, scale_pow=None, seed=0, framing="person", progress=False):
-    """The page's one action. -> uint8 images: the source framed as the model sees it, the source photo with
-    its skeleton, the pose photo with its skeleton (None unless the pose came from a photo), the target
-    skeleton, and the generated image (at the model's size)."""
+def framed_source(pipe, source_rgb, framing, example=None):
+    """The source photo as the model sees it: an example photo (`example`: its keypoint file) framed as the dataset
+    frames it, or a photo of one's own framed around the person found on it."""
     if source_rgb is None:
-        raise InputError("upload a photo of a person as the source")
-    source = frame_photo(source_rgb, pipe.size, "your photo", framing)
+        raise InputError("upload a photo of a person as the source, or pick an example")
+    if example:
+        return dataset_photo(source_rgb, load_keypoints(example), pipe.size)
+    return frame_photo(source_rgb, pipe.size, "your photo", framing)
+
+
+def sampling(pipe, sampler, steps, cfg_scale, scale_pow):
+    """The page's sampling settings, resolved by the pipeline (0 steps: the model's own)."""
+    return pipe.settings(sampler=sampler, steps=int(steps) if steps else None, cfg_scale=cfg_scale,
+                         scale_pow=scale_pow)
+
+
+def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler=None, steps=None,
+             cfg_scale=None, scale_pow=None, seed=0, framing="person", example=None, progress=False):
+    """The page's Generate. -> uint8 images: the source framed as the model sees it, the source photo with its
+    skeleton, the pose photo with its skeleton (None unless the pose came from a photo), the target skeleton, and
+    the generated image (at the model's size)."""
+    source = framed_source(pipe, source_rgb, framing, example)
     pose_view = None
     if mode == "photo":
         if pose_rgb is None:
@@ -66,11 +84,24 @@ def transfer(pipe, source_rgb, mode, pose_rgb, pose_path, gallery_index, sampler
         keypoints = pose_from_file(pose_path)
     else:
         keypoints = pose_from_file(GALLERY[gallery_index])
-    settings = pipe.settings(sampler=sampler, steps=int(steps) if steps else None, cfg_scale=cfg_scale,
-                             scale_pow=scale_pow)
-    image = pipe(source.image[None], keypoints=[keypoints], seeds=[int(seed)], settings=settings, progress=progress)[0]
+    settings = sampling(pipe, sampler, steps, cfg_scale, scale_pow)
+    image = pipe.in_poses(pipe.encode_sources(source.image[None]), pipe.skeletons([keypoints]), seed=int(seed),
+                          settings=settings, progress=progress)[0]
     return (to_uint8(source.image), to_uint8(pose_overlay(source_rgb, source)), pose_view,
             skeleton_view(keypoints), to_uint8(image))
+
+
+def all_poses(pipe, source_rgb, sampler=None, steps=None, cfg_scale=None, scale_pow=None, seed=0, framing="person",
+              example=None, progress=False):
+    """The page's All poses: the photo in every pose of the gallery, encoded once, each image as Generate gives it
+    for that pose. -> [(uint8 image with the pose's skeleton drawn over it, the pose's name)]."""
+    source = framed_source(pipe, source_rgb, framing, example)
+    keypoints = [pose_from_file(path) for path in GALLERY]
+    images = pipe.in_poses(pipe.encode_sources(source.image[None]), pipe.skeletons(keypoints), seed=int(seed),
+                           settings=sampling(pipe, sampler, steps, cfg_scale, scale_pow), progress=progress)
+    sheet = contact_sheet(source.image, list(zip(keypoints, images)))  # source, then each pose, side by side
+    view = sheet.shape[-2]
+    return [(to_uint8(sheet[:, :, view * (i + 1):view * (i + 2)]), path.stem) for i, path in enumerate(GALLERY)]
 
 
 def build(pipes, demo=False):
@@ -78,13 +109,28 @@ def build(pipes, demo=False):
     page offers the choice."""
     first = next(iter(pipes.values()))
 
-    def run(name, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed, framing,
-            progress=gr.Progress(track_tqdm=True)):
+    def settings_of(name, sampler, steps, cfg_scale, scale_pow):
+        """The pipeline and the Advanced settings for it: no guidance for a consistency model (its controls are
+        disabled), the model's own sampler for OWN."""
         pipe = pipes[name]
-        guidance = (None, None) if pipe.model.consistency else (cfg_scale, scale_pow)  # its controls are disabled
+        guidance = (None, None) if pipe.model.consistency else (cfg_scale, scale_pow)
+        return pipe, dict(sampler=None if sampler == OWN else sampler, steps=steps, cfg_scale=guidance[0],
+                          scale_pow=guidance[1])
+
+    def run(name, source, mode, pose_rgb, pose_path, index, sampler, steps, cfg_scale, scale_pow, seed, framing,
+            example, progress=gr.Progress(track_tqdm=True)):
+        pipe, settings = settings_of(name, sampler, steps, cfg_scale, scale_pow)
         try:
-            return transfer(pipe, source, mode, pose_rgb, pose_path, index, None if sampler == OWN else sampler,
-                            steps, *guidance, seed, framing, progress=True)
+            return transfer(pipe, source, mode, pose_rgb, pose_path, index, **settings, seed=seed, framing=framing,
+                            example=example, progress=True)
+        except UserError as e:
+            raise gr.Error(one_line(e)) from None
+
+    def run_all(name, source, sampler, steps, cfg_scale, scale_pow, seed, framing, example,
+                progress=gr.Progress(track_tqdm=True)):
+        pipe, settings = settings_of(name, sampler, steps, cfg_scale, scale_pow)
+        try:
+            return all_poses(pipe, source, **settings, seed=seed, framing=framing, example=example, progress=True)
         except UserError as e:
             raise gr.Error(one_line(e)) from None
 
@@ -104,9 +150,14 @@ def build(pipes, demo=False):
                     elem_id="model")
         model = gr.Radio(list(pipes), value=next(iter(pipes)), label="Model", visible=len(pipes) > 1,
                          elem_id="model-choice")
+        example = gr.Textbox(visible=False, elem_id="example")  # the keypoint file of an example photo, if one
         with gr.Row():
-            source = gr.Image(type="numpy", sources=["upload"], format="png", label="Your photo (one person)",
-                              elem_id="source")
+            with gr.Column():
+                source = gr.Image(type="numpy", sources=["upload"], format="png", label="Your photo (one person)",
+                                  elem_id="source")
+                if demo and EXAMPLES:
+                    gr.Examples([[str(png), str(png.with_suffix(".json"))] for png in EXAMPLES], [source, example],
+                                label="Or an example: test sources of the demo set", elem_id="examples")
             with gr.Column():
                 mode = gr.Radio(MODES, value="gallery", label="Target pose from", elem_id="mode")
                 gallery = gr.Gallery([(skeleton_view(pose_from_file(p)), p.stem) for p in GALLERY], label="Poses",
@@ -130,18 +181,24 @@ def build(pipes, demo=False):
             seed = gr.Number(value=0, precision=0, label="Seed")
             framing = gr.Radio(list(FRAMINGS), value="person", label="Framing of the photos (person: cropped around "
                                "the person, then padded to DeepFashion's 176:256; whole: the whole photo padded)")
-        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            button = gr.Button("Generate", variant="primary", elem_id="generate")
+            every = gr.Button("All poses (the gallery's, the photo encoded once)", elem_id="all-poses")
         with gr.Row():
             outputs = [gr.Image(label=label, elem_id=name, height=VIEW_SIZE, format="png", interactive=False)
                        for name, label in (("framed", "Your photo, framed"), ("source-skeleton", "Its skeleton"),
                                            ("pose-skeleton", "The pose photo's skeleton"), ("target", "Target pose"),
                                            ("generated", "Generated"))]
+        poses = gr.Gallery(label="In every pose of the gallery", columns=6, format="png", elem_id="all-poses-gallery")
         chosen = gr.State(0)
         gallery.select(selected, None, chosen)
         mode.change(show, mode, [gallery, pose_rgb, pose_path])
         model.change(guidance_controls, model, [cfg_scale, scale_pow])
+        for event in (source.upload, source.clear):  # a photo of one's own is no example
+            event(lambda: "", None, example)
         button.click(run, [model, source, mode, pose_rgb, pose_path, chosen, sampler, steps, cfg_scale, scale_pow,
-                           seed, framing], outputs)
+                           seed, framing, example], outputs)
+        every.click(run_all, [model, source, sampler, steps, cfg_scale, scale_pow, seed, framing, example], poses)
     return page
 
 

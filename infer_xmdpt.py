@@ -69,9 +69,8 @@ def own_photo(args, pipe, out, settings):
     for start in tqdm(range(0, len(todo), args.batch_size), desc="poses", unit="batch", disable=len(todo) < 2 or None):
         batch = todo[start:start + args.batch_size]
         skeletons = pipe.skeletons([targets[pose] for pose in batch])
-        shared = {k: v.expand(len(batch), *v.shape[1:]) for k, v in features.items()}
-        inputs = pipe.pair_inputs(shared, pipe.encode_poses(skeletons), [args.seed] * len(batch))
-        for pose, skeleton, image in zip(batch, skeletons, pipe.decode(pipe.sample(inputs, settings=settings))):
+        images = pipe.in_poses(features, skeletons, seed=args.seed, settings=settings)
+        for pose, skeleton, image in zip(batch, skeletons, images):
             save_png(image, out / "generated" / names[pose])
             save_png(grid_row(source.image, skeleton * 2 - 1, image), out / "grids" / names[pose])
     sheet = out / f"{Path(args.source).stem}_poses.png"

@@ -67,10 +67,11 @@ class Detection:
 @dataclass(frozen=True)
 class FramedPhoto:
     """A photo as a model input: `image` (3, S, S) in [-1, 1], the person's `keypoints` (18, 2) in the
-    DeepFashion convention of that image, and how it was framed (`fit`)."""
+    DeepFashion convention of that image, and how it was framed (`fit`; None for a dataset picture, which is
+    resized straight to S x S)."""
     image: torch.Tensor
     keypoints: np.ndarray
-    fit: PhotoFit
+    fit: PhotoFit | None
 
 
 def read_photo(path):
@@ -234,6 +235,17 @@ def detect_person(rgb, name="photo", min_visibility=0.5, min_joints=0):
         raise no_person
     box = (int(np.floor(xs.min())), int(np.floor(ys.min())), int(np.ceil(xs.max())) + 1, int(np.ceil(ys.max())) + 1)
     return Detection(keypoints, box)
+
+
+def dataset_photo(rgb, keypoints, size=256):
+    """A picture of a dataset (DeepFashion's, or the synthetic set's), framed as the dataset frames its images
+    already, with its known keypoints (DeepFashion convention): resized straight to size x size with PIL bicubic,
+    as the LMDBs were made (the image itself at that size), with nothing to detect."""
+    _check_rgb(rgb)
+    image = Image.fromarray(rgb)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    return FramedPhoto(to_tensor(image), np.asarray(keypoints, np.float32), None)
 
 
 def frame_photo(rgb, size=256, name="photo", framing="person", min_joints=0, min_visibility=0.5):

@@ -53,7 +53,10 @@ def generate_pairs(pipe, data_root, out, *, settings=None, batch_size=16, seed=0
         barrier()
     if done and not overwrite and rank == 0:
         print(f"{len(done)} of {count} pairs already generated in {out}; skipping them (--overwrite regenerates)")
-    mine = [i for group in list(by_source(pairs, count).values())[rank::world] for i in group]
+    groups = list(by_source(pairs, count).values())
+    if rank == 0 and reuse_sources:
+        print(f"{count} pairs of {len(groups)} source photos, each photo encoded once for all its pairs")
+    mine = [i for group in groups[rank::world] for i in group]
     todo = [i for i in mine if overwrite or i not in done]
     batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     encoded = {}  # source path -> its features, while pairs of it may remain

@@ -28,7 +28,7 @@ DIFFUSION_SAMPLERS, CONSISTENCY_SAMPLER = ("ddim", "dpm++"), "lcm"
 SAMPLERS = (*DIFFUSION_SAMPLERS, CONSISTENCY_SAMPLER)
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG, DEMO_CHECKPOINT = ROOT / "configs" / "demo.yaml", ROOT / "assets" / "xmdpt_demo"
-FAST_DEMO_CONFIG, FAST_DEMO_CHECKPOINT = ROOT / "configs" / "distill_demo.yaml", ROOT / "assets" / "xmdpt_demo_fast"
+FAST_DEMO_CONFIG, FAST_DEMO_CHECKPOINT = ROOT / "configs" / "dmd2_demo.yaml", ROOT / "assets" / "xmdpt_demo_fast"
 
 
 def add_model_arguments(parser):
@@ -37,7 +37,7 @@ def add_model_arguments(parser):
     parser.add_argument("--ckpt", help="a released state dict (.pt), our training checkpoint (EMA weights are used) "
                                        "or an export folder (default: the bundled demo model, assets/xmdpt_demo)")
     parser.add_argument("--fast", action="store_true",
-                        help="the bundled fast demo model instead (assets/xmdpt_demo_fast, configs/distill_demo.yaml): "
+                        help="the bundled fast demo model instead (assets/xmdpt_demo_fast, configs/dmd2_demo.yaml): "
                              "the demo model distilled to sample in 4 steps")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu; under torchrun each "
                                          "process takes the GPU of its local rank)")
@@ -214,6 +214,15 @@ class Pipeline:
     def decode(self, latents):
         """Latents -> images (N, 3, S, S) in [-1, 1], on the CPU."""
         return self.encoders.first_stage.decode(latents.float()).clamp(-1, 1).cpu()
+
+    def in_poses(self, features, skeletons, *, seed=0, settings=None, progress=False):
+        """One photo in many poses: `features`, the photo's `encode_sources` (one image, computed once for all
+        its poses), and target skeletons (N, 3, S, S) in [0, 1]; every image's noise from `seed`, so that an image
+        depends on the photo, the pose and the seed alone. -> images (N, 3, S, S) in [-1, 1], on the CPU."""
+        n = len(skeletons)
+        shared = {k: v.expand(n, *v.shape[1:]) for k, v in features.items()}  # one row per pose, not copied
+        inputs = self.pair_inputs(shared, self.encode_poses(skeletons), [seed] * n)
+        return self.decode(self.sample(inputs, settings=settings, progress=progress))
 
     def __call__(self, sources, *, skeletons=None, keypoints=None, seeds=(0,), settings=None, progress=False):
         """Generate: sources (N, 3, S, S) in [-1, 1]; the target pose of each as skeletons (N, 3, S, S) in

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from data.errors import InputError
 from data.images import save_png
-from data.photo import fit_photo, frame_photo
+from data.photo import dataset_photo, fit_photo, frame_photo
 from data.pose import draw_skeleton, load_keypoints, overlay, require_joints, save_openpose_json, to_image_coords
 
 MIN_JOINTS = 4  # a target pose with fewer visible joints says too little to be drawn
@@ -75,8 +75,8 @@ def contact_sheet(source, poses):
 def pose_overlay(rgb, framed):
     """The photo `rgb`, framed as `framed` was, with the skeleton of its keypoints drawn over it, at a side of
     at least VIEW_SIZE: (3, V, V) in [-1, 1]."""
-    size = max(framed.fit.size, VIEW_SIZE)
-    image, _ = fit_photo(rgb, size, framed.fit.crop)
+    size = max(framed.image.shape[-1], VIEW_SIZE)
+    image = fit_photo(rgb, size, framed.fit.crop)[0] if framed.fit else dataset_photo(rgb, framed.keypoints, size).image
     return overlay(image, draw_skeleton(to_image_coords(framed.keypoints, (size, size)), (size, size)))
 
 

@@ -4,6 +4,7 @@ released code's guided sampling step, re-enacted on our weights: two separate fo
 condition and pushing the source tokens through every block, with the released attention (explicit
 softmax(q k^T * scale + bias) v, the relative position bias gathered from its table on every call).
 """
+import time
 from dataclasses import replace
 
 import torch
@@ -16,7 +17,7 @@ from models.objective import XMDPTLoss
 from models.tdnet import modulate
 from models.xmdpt import GUIDANCE, guidance_scale
 
-from .timing import peak_memory_gib, timed
+from .timing import gflops, peak_memory_gib, sync, timed
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=256)
@@ -106,20 +107,72 @@ def measure_training(name, batch, device, cached, repeats, size=256, config=None
     return {"steps_per_s": 1 / sec, "peak_gib": peak_memory_gib(device)}
 
 
-def measure_inference(name, batch, device, steps, repeats, size=256, config=None, nets=None):
-    """images/s of each stage of the Pipeline (encode, denoise, decode) and of the whole, and peak memory. The
-    model is the preset `name`, or `config`; the encoders the real ones, or `nets`."""
+STAGES = ("skeleton encoder", "source encoders", "sampling", "decoding")
+
+
+def stage_work(config, steps, student, size=256, encoders=real_encoders):
+    """GFLOP per image of each stage of an inference of `config` at `size`, counted on the meta device: DINOv2-B on
+    the target skeleton; DINOv2-G and the VAE encoder on the source; `steps` sampling steps, each a guided
+    evaluation (two) of a diffusion model or one conditional evaluation of a `student`; the VAE decoder.
+    `encoders(device)` builds the encoders (the real ones, or small stand-ins)."""
+    with torch.device("meta"):
+        nets = encoders("meta")
+        model = XMDPT(config, mipnet="none", consistency=student)
+        x, t, cond = random_inputs(model, 1, "meta")
+        pixels = torch.randn(1, 3, size, size)
+        evaluate = model.conditioned(**cond) if student else model.guided(**cond)
+        return {"skeleton encoder": gflops(lambda: nets.pose(pixels)),
+                "source encoders": gflops(lambda: (nets.image(pixels), nets.first_stage.moments(pixels))),
+                "sampling": steps * gflops(lambda: evaluate(x, t)),
+                "decoding": gflops(lambda: nets.first_stage.decode(x[:, :4]))}
+
+
+def timed_stages(pipe, photo, skeletons, settings, reuse, seed=0):
+    """One photo in N poses through `pipe`, each stage timed once: the skeletons' encoder, the photo's (once for
+    all N with `reuse`, else once per pose, as N separate images would), sampling, decoding. -> (images,
+    {stage: seconds})."""
+    seconds = {}
+
+    def stage(name, fn):
+        sync(pipe.device)
+        tic = time.perf_counter()
+        out = fn()
+        sync(pipe.device)
+        seconds[name] = time.perf_counter() - tic
+        return out
+
+    n = len(skeletons)
+    poses = stage("skeleton encoder", lambda: pipe.encode_poses(skeletons))
+    if reuse:
+        features = stage("source encoders", lambda: pipe.encode_sources(photo[None]))
+        sources = {k: v.expand(n, *v.shape[1:]) for k, v in features.items()}
+    else:
+        sources = stage("source encoders", lambda: pipe.encode_sources(photo.expand(n, -1, -1, -1)))
+    inputs = pipe.pair_inputs(sources, poses, [seed] * n)
+    latents = stage("sampling", lambda: pipe.sample(inputs, settings=settings))
+    return stage("decoding", lambda: pipe.decode(latents)), seconds
+
+
+def measure_inference(name, poses, device, size=256, config=None, nets=None, ddim_steps=50, student_steps=4):
+    """One photo in `poses` poses, three ways, each stage timed: the diffusion model with DDIM-`ddim_steps` and
+    the photo encoded per image (as separate images are made), a `student_steps` student encoding per image, and
+    the student with the photo encoded once. The model is the preset `name` (the student its consistency twin,
+    random weights both), or `config`; the encoders the real ones, or `nets`. -> {variant: {stage: seconds}},
+    whether the student's images are the same with and without reuse, and the peak memory."""
     device = torch.device(device)
     nets = nets or real_encoders(device)
-    model = XMDPT(config or replace(XMDPT_CONFIGS[name], input_size=size // nets.first_stage.downsample),
-                  mipnet="none")
-    pipe = Pipeline(model, nets, size, dict(steps=steps, **GUIDANCE, clip_denoised=False), device)
-    sources = torch.rand(batch, 3, size, size) * 2 - 1
-    skeletons = torch.rand(batch, 3, size, size)
-    seeds = list(range(batch))
-    inputs = pipe.encode(sources, skeletons, seeds)
-    latents = pipe.sample(inputs)
-    stages = (("encoders", lambda: pipe.encode(sources, skeletons, seeds)), ("sampling", lambda: pipe.sample(inputs)),
-              ("decoding", lambda: pipe.decode(latents)),
-              ("total", lambda: pipe(sources, skeletons=skeletons, seeds=seeds)))
-    return {**{k: batch / timed(fn, device, repeats) for k, fn in stages}, "peak_gib": peak_memory_gib(device)}
+    config = config or replace(XMDPT_CONFIGS[name], input_size=size // nets.first_stage.downsample)
+    torch.manual_seed(0)
+    teacher = Pipeline(XMDPT(config, mipnet="none"), nets, size,
+                       dict(steps=ddim_steps, **GUIDANCE, clip_denoised=False), device)
+    student = Pipeline(XMDPT(config, mipnet="none", consistency=True), nets, size,
+                       dict(steps=student_steps, **GUIDANCE, clip_denoised=False), device)
+    photo, skeletons = torch.rand(3, size, size) * 2 - 1, torch.rand(poses, 3, size, size)
+    student.sample(student.encode(photo[None], skeletons[:1], [0]))  # warm-up: allocator, kernels
+    results, images = {}, {}
+    for variant, pipe, reuse in (("ddim", teacher, False), ("student", student, False),
+                                 ("student, photo encoded once", student, True)):
+        images[variant], results[variant] = timed_stages(pipe, photo, skeletons, pipe.settings(), reuse)
+    return {"seconds": results, "identical": bool(torch.equal(images["student"],
+                                                              images["student, photo encoded once"])),
+            "peak_gib": peak_memory_gib(device)}

@@ -25,6 +25,7 @@ DINOV2 = {
     "vitg14": ("vit_giant_patch14_dinov2", 1536),
 }
 DINOV2_SIZE = 224  # input resolution of the released models: 16x16 patches of 14 pixels
+DINOV2_PATCH = 14
 LATENT_SCALE = 0.18215  # SD VAE latent scale, as the released models were trained with
 SD_VAE_GEOMETRY = (8, 4)  # the SD VAE's downsampling and latent channels
 
@@ -68,15 +69,23 @@ def check_dinov2_weights(variant, weights):
         )
 
 
-def dino_input(x):
-    """Images (N, 3, H, W) resized to the DINOv2 input size, 224x224, as float32.
+def dinov2_tokens(size):
+    """The tokens DINOv2 gives for a size x size input: the CLS token and (size / 14)^2 patches (257 at 224). An
+    InputError unless size is a positive multiple of the patch, 14."""
+    if not (isinstance(size, int) and size > 0 and size % DINOV2_PATCH == 0):
+        raise InputError(f"a DINOv2 input size must be a positive multiple of {DINOV2_PATCH}, got {size!r}")
+    return (size // DINOV2_PATCH) ** 2 + 1
+
+
+def dino_input(x, size=DINOV2_SIZE):
+    """Images (N, 3, H, W) resized to the DINOv2 input size (224x224 for the released models), as float32.
 
     Bicubic without antialiasing, as torchvision 0.13's tensor `Resize` did in training. Values are kept
     as they are: images in [-1, 1] and skeletons in [0, 1], with no ImageNet normalisation.
     """
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"DINOv2 expects images of shape (N, 3, H, W), got {tuple(x.shape)}")
-    return F.interpolate(x.float(), size=(DINOV2_SIZE, DINOV2_SIZE), mode="bicubic", align_corners=False,
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False,
                          antialias=False)
 
 
@@ -113,27 +122,30 @@ def load_dinov2_state_dict(path, net):
 
 
 class DINOv2(Frozen):
-    """DINOv2 tokens at 224x224: (N, 257, dim), the CLS token then the 16x16 patch tokens, taken after the
-    last block and the final norm, as the torch.hub model's get_intermediate_layers(x, 1,
-    return_class_token=True) gives them. Input: images (N, 3, H, W) of any size, resized here by `dino_input`
-    as the released code fed them (the [-1, 1] image or the [0, 1] skeleton, no ImageNet normalisation).
+    """DINOv2 tokens at size x size (224 for the released models): (N, 1 + (size/14)^2, dim), the CLS token then
+    the patch tokens (16x16 at 224), taken after the last block and the final norm, as the torch.hub model's
+    get_intermediate_layers(x, 1, return_class_token=True) gives them. Input: images (N, 3, H, W) of any size,
+    resized here by `dino_input` as the released code fed them (the [-1, 1] image or the [0, 1] skeleton, no
+    ImageNet normalisation). `size` other than 224 is for models trained so, like the demo's small encoders
+    that look at 32-pixel figures; original weights are resampled to its map of patches as DINOv2 does.
     """
 
-    def __init__(self, variant, weights, depth=None):
+    def __init__(self, variant, weights, depth=None, size=DINOV2_SIZE):
         super().__init__()
         check_dinov2_weights(variant, weights)
+        dinov2_tokens(size)
         overrides = {} if depth is None else {"depth": depth}
-        self.net = timm.create_model(DINOV2[variant][0], img_size=DINOV2_SIZE, num_classes=0, **overrides)
+        self.net = timm.create_model(DINOV2[variant][0], img_size=size, num_classes=0, **overrides)
         if weights != "random":
             self.net.load_state_dict(load_dinov2_state_dict(weights, self.net))
-        self.dim = self.net.embed_dim
+        self.dim, self.size = self.net.embed_dim, size
         self.freeze()
 
     @torch.no_grad()
     def forward(self, x):
-        x = dino_input(x)  # (N, 3, 224, 224)
+        x = dino_input(x, self.size)  # (N, 3, size, size)
         with autocast(x.device):
-            return self.net.forward_features(x).float()  # (N, 257, dim)
+            return self.net.forward_features(x).float()  # (N, 1 + (size/14)^2, dim)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,6 +323,7 @@ def build_encoders(cfg, device="cpu"):
         check_vae_dir(cfg["first_stage"]["path"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.get("seed", 0))
-        pose, image = (DINOv2(cfg[n]["dinov2"], cfg[n]["weights"], cfg[n].get("depth")) for n in ("pose", "image"))
+        pose, image = (DINOv2(cfg[n]["dinov2"], cfg[n]["weights"], cfg[n].get("depth"), cfg[n].get("size", DINOV2_SIZE))
+                       for n in ("pose", "image"))
         first_stage = _build_first_stage(cfg["first_stage"])
     return Encoders(pose, image, first_stage).to(device)

@@ -10,9 +10,10 @@ Rows, with random weights of the real sizes:
   and its share of the device's bf16 peak;
 - a training step of S/2 at batch 32, with the feature cache and without: steps/s and peak memory; the peak
   memory of B/2 and L/2 at 256 (batch 32) and of L/2 at 512 (batch 5 per GPU, the paper's 10 over 2 GPUs);
-- end-to-end inference of S/2 at batch 32 (DINOv2-B/14 and -G/14 and the SD VAE, 50 guided DDIM steps,
-  decoding), ours against the released pipeline re-enacted: images/s, and s/image beside the paper's 1.1 s for
-  S on an A100.
+- S/2 inference stage by stage (DINOv2-B/14 on the skeleton, DINOv2-G/14 and the SD VAE encoder on the source,
+  sampling, decoding; time and GFLOP per image) for one photo in 8 poses: with 50 guided DDIM steps, with a 4-step
+  student, and with the student and the photo encoded once; and the whole against the released pipeline re-enacted:
+  images/s, and s/image beside the paper's 1.1 s for S on an A100.
 --quick runs the same rows on tiny networks (compiled with the aot_eager backend, which traces as the real
 compile does without generating code), so that the script never rots; its numbers mean nothing.
 """
@@ -30,18 +31,22 @@ import torch
 
 from devices import autocast, default_device
 from measure.timing import gflops, timed
-from measure.workloads import measure_inference, measure_training, random_inputs, real_encoders, released_guided_step
+from measure.workloads import (STAGES, measure_inference, measure_training, random_inputs, real_encoders,
+                               released_guided_step, stage_work)
 from models import XMDPT, XMDPT_CONFIGS
 from models.encoders import SD_VAE_GEOMETRY
 from models.xmdpt import GUIDANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, by a name the device's name contains (the
-# first that matches: GH200 before H200, A100 before A10, L40S before L4).
-BF16_PEAK = {"GH200": 989, "H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
-A100_PEAK, A100_BANDWIDTH = 312, 2.0  # the GPU of the paper's 1.1 s per image (TFLOP/s, TB/s of the 80 GB SXM)
-BANDWIDTH = {"GH200": 4.0, "H200": 4.8, "H100": 3.35, "A100": 2.0, "L40S": 0.86, "L4": 0.3, "A10": 0.6, "4090": 1.0}
+# Dense bf16 tensor-core peak (TFLOP/s) and memory bandwidth (TB/s) from the vendors' datasheets, by the words of
+# the device's name (split at spaces and hyphens, any case) that pick the device out: `device_kind` takes the entry
+# all of whose words the name has, the one with the most words. So an H200 is no GH200, an A100 no A10, and an
+# A100 with 40GB in its name has the 40 GB card's bandwidth. A name that no entry fits (an A10G) is unknown.
+DEVICES = {"4090": (165, 1.0), "A10": (125, 0.6), "A100": (312, 2.0), "A100 40GB": (312, 1.555),
+           "A100 80GB PCIe": (312, 1.935), "GH200": (989, 4.0), "H100": (989, 3.35), "H100 NVL": (835, 3.9),
+           "H100 PCIe": (756, 2.0), "H200": (989, 4.8), "L4": (121, 0.3), "L40S": (362, 0.86)}
+A100_PEAK, A100_BANDWIDTH = DEVICES["A100"]  # the GPU of the paper's 1.1 s per image (the 80 GB SXM)
 PAPER_S_PER_IMAGE = 1.1
 TINY_VAE = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1)
@@ -53,6 +58,7 @@ class Sizes:
     def __init__(self, quick):
         self.quick = quick
         self.batch, self.steps, self.repeats = (2, 2, 1) if quick else (32, 50, 5)
+        self.poses = 2 if quick else 8  # one photo in this many poses
         self.size = 32 if quick else 256
         self.compile_backend = "aot_eager" if quick else "inductor"
 
@@ -79,10 +85,16 @@ def fresh(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def device_kind(device):
-    """The key of BF16_PEAK and BANDWIDTH that the device's name contains (None: unknown, or a CPU)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((key for key in BF16_PEAK if key in name), None)
+def device_kind(name):
+    """The key of DEVICES that a device's name fits (None: unknown, or a CPU's empty name)."""
+    words = set(re.split(r"[\s-]+", name.lower()))
+    fits = [key for key in DEVICES if set(key.lower().split()) <= words]
+    return max(fits, key=lambda key: len(key.split()), default=None)
+
+
+def device_name(device):
+    """The GPU's name, or "" for a CPU."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
 
 def rel(a, b):
@@ -125,7 +137,7 @@ def sampling(sizes, device):
                 torch.cuda.synchronize(device)
             compile_s = time.perf_counter() - tic
             compiled_s = timed(lambda: guided(x, t), device, sizes.repeats)
-        peak = BF16_PEAK.get(device_kind(device))
+        peak = DEVICES[kind][0] if (kind := device_kind(device_name(device))) else None
         share = lambda s: f", {work / s / 1e3 / peak:.0%} of the bf16 peak" if peak else ""
         setting = f"{name}, batch {sizes.batch}, {'bf16' if device.type == 'cuda' else 'float32'}"
         rows += [("guided step, ours eager", setting, f"{eager_s * 1e3:.2f} ms, {work / eager_s / 1e3:.3g} TFLOP/s"
@@ -160,25 +172,40 @@ def training(sizes, device):
 
 @torch.no_grad()
 def inference(sizes, device):
-    """End-to-end S/2 inference at batch 32, ours against the released pipeline re-enacted on the same encoders."""
+    """S/2 inference stage by stage: one photo in N poses with DDIM-50, with a 4-step student, and with the student
+    and the photo encoded once; and the whole against the released pipeline re-enacted (its encoders and decoding
+    ours, its sampling step the released one's)."""
     fresh(device)
     nets = sizes.encoders(device)
-    ours = measure_inference("XMDPT-S/2", sizes.batch, device, sizes.steps, 1, sizes.size,
-                             sizes.config("XMDPT-S/2"), nets)
-    model = XMDPT(sizes.config("XMDPT-S/2"), mipnet="none").to(device).eval()
-    x, t, cond = random_inputs(model, sizes.batch, device)
+    config = sizes.config("XMDPT-S/2")
+    r = measure_inference("XMDPT-S/2", sizes.poses, device, sizes.size, config, nets, sizes.steps)
+    work = {"ddim": stage_work(config, sizes.steps, False, sizes.size, sizes.encoders),
+            "student": stage_work(config, 4, True, sizes.size, sizes.encoders)}
+    rows, base = [], sum(r["seconds"]["ddim"].values())
+    for variant, seconds in r["seconds"].items():
+        total = sum(seconds.values())
+        kind = "student" if variant.startswith("student") else "ddim"
+        stages = ", ".join(f"{stage} {seconds[stage] / sizes.poses * 1e3:.0f} ms ({work[kind][stage]:.0f} GFLOP)"
+                           for stage in STAGES)
+        rows.append((f"one photo in {sizes.poses} poses: {variant}", f"XMDPT-S/2 at {sizes.size}, per image",
+                     f"{total / sizes.poses * 1e3:.0f} ms; {base / total:.2f}x faster than DDIM", stages))
+    rows[-1] = (*rows[-1][:3], rows[-1][3] + f"; images as without reuse: {'yes' if r['identical'] else 'NO'}")
+    seconds = r["seconds"]["ddim"]
+    model = XMDPT(config, mipnet="none").to(device).eval()
+    x, t, cond = random_inputs(model, sizes.poses, device)
     with autocast(device):
         step_s = timed(lambda: released_guided_step(model, x, t, **cond, **GUIDANCE), device, 1)
-    released = 1 / (1 / ours["encoders"] + sizes.steps * step_s / sizes.batch + 1 / ours["decoding"])
-    kind = device_kind(device)
+    released = seconds["skeleton encoder"] + seconds["source encoders"] + sizes.steps * step_s + seconds["decoding"]
+    kind = device_kind(device_name(device))
     versus = f"the paper: {PAPER_S_PER_IMAGE} s on an A100"
     if kind:
-        versus += (f"; this {kind} has {BF16_PEAK[kind] / A100_PEAK:.1f}x an A100's bf16 peak and "
-                   f"{BANDWIDTH[kind] / A100_BANDWIDTH:.1f}x its memory bandwidth")
-    setting = f"XMDPT-S/2, batch {sizes.batch}, {sizes.steps} guided DDIM steps, encoders and decoding"
-    return [("inference, end to end", setting, f"ours {ours['total']:.2f} images/s ({1 / ours['total']:.3f} s/image), "
-             f"released {released:.2f} images/s: {ours['total'] / released:.2f}x; peak {ours['peak_gib']:.1f} GiB",
-             versus)]
+        peak, bandwidth = DEVICES[kind]
+        versus += (f"; this {kind} has {peak / A100_PEAK:.1f}x an A100's bf16 peak and "
+                   f"{bandwidth / A100_BANDWIDTH:.1f}x its memory bandwidth")
+    setting = f"XMDPT-S/2, batch {sizes.poses}, {sizes.steps} guided DDIM steps, encoders and decoding"
+    return rows + [("inference, end to end", setting, f"ours {sizes.poses / base:.2f} images/s "
+                    f"({base / sizes.poses:.3f} s/image), released {sizes.poses / released:.2f} images/s: "
+                    f"{released / base:.2f}x; peak {r['peak_gib']:.1f} GiB", versus)]
 
 
 def table(rows, device, command):

@@ -15,7 +15,9 @@ from conftest import optional
 from PIL import Image
 
 import infer_xmdpt
+from data.images import to_uint8
 from data.photo import _pose_solution, read_photo
+from data.pose import draw_skeleton, load_keypoints, to_image_coords
 from inference.pipeline import DEMO_CHECKPOINT, DEMO_CONFIG, Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +79,57 @@ def test_the_fast_model_gives_the_image_infer_fast_gives(app, photos, tmp_path):
     assert image.shape == (32, 32, 3) and np.array_equal(image, expected)
 
 
+def test_guidance_for_a_consistency_model_is_refused_alike_by_the_app_and_the_cli(app, photos, tmp_path, capsys):
+    """A guidance scale given for the fast model: the app's action and infer_xmdpt.py end with the same one line
+    (the Pipeline resolves the settings for both), and the page's guidance controls are disabled for it."""
+    from data.errors import InputError, one_line
+    fast = Pipeline.from_config(*app.DEMO_MODELS["fast (4 steps)"])
+    with pytest.raises(InputError) as refused:
+        app.transfer(fast, read_photo(photos / "astronaut.png"), "gallery", None, None, 4, cfg_scale=3.0)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        infer_xmdpt.main(["--fast", "--source", str(photos / "astronaut.png"), "--target-pose", str(app.GALLERY[4]),
+                          "--cfg-scale", "3", "--out", str(tmp_path)])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"infer_xmdpt.py: error: {one_line(refused.value)}\n"
+    assert "guidance scale and power do not apply" in one_line(refused.value)
+    controls = {c["props"].get("elem_id"): c["props"] for c in app.build({"fast": fast}).config["components"]}
+    assert controls["cfg-scale"]["interactive"] is False and controls["scale-pow"]["interactive"] is False
+
+
+def test_all_poses_encodes_the_photo_once_and_gives_each_poses_image(app, demo_pipe, photos, monkeypatch):
+    """All poses: one tile per gallery pose, named after it, holding the image Generate gives for that pose with the
+    same photo and seed (upscaled, nearest, to 256 pixels), the pose's skeleton drawn over it; the photo's encoders
+    run once, for one image."""
+    astronaut = read_photo(photos / "astronaut.png")
+    encoded, real = [], Pipeline.encode_sources
+    monkeypatch.setattr(Pipeline, "encode_sources", lambda self, images: encoded.append(len(images)) or
+                        real(self, images))
+    tiles = app.all_poses(demo_pipe, astronaut, steps=5, seed=3)
+    assert encoded == [1] and [name for _, name in tiles] == [p.stem for p in app.GALLERY]
+    for i in (0, 4, 11):
+        *_, image = app.transfer(demo_pipe, astronaut, "gallery", None, None, i, steps=5, seed=3)
+        keypoints = load_keypoints(app.GALLERY[i])
+        bare = draw_skeleton(to_image_coords(keypoints, (256, 256)), (256, 256)).amax(0).numpy() == 0
+        upscaled = image.repeat(8, axis=0).repeat(8, axis=1)
+        assert tiles[i][0].shape == (256, 256, 3) and np.array_equal(tiles[i][0][bare], upscaled[bare])
+
+
+def test_an_example_photo_is_the_demo_sets_picture_with_no_person_to_find(app, demo_pipe):
+    """The example photos are test sources of the demo set with their keypoint files: framed as the dataset frames
+    them, with nothing detected (MediaPipe misses most of the small synthetic figures), the model sees the
+    picture itself, and its skeleton view is drawn from its keypoints."""
+    assert len(app.EXAMPLES) >= 4
+    png = app.EXAMPLES[0]
+    rgb = read_photo(png)
+    framed, source_view, _, _, image = app.transfer(demo_pipe, rgb, "gallery", None, None, 2, steps=5,
+                                                    example=str(png.with_suffix(".json")))
+    assert np.array_equal(framed, rgb) and image.shape == (32, 32, 3)
+    skeleton = draw_skeleton(to_image_coords(load_keypoints(png.with_suffix(".json")), (256, 256)), (256, 256))
+    drawn = skeleton.amax(0).numpy() > 0
+    assert drawn.sum() > 100 and np.array_equal(source_view[drawn], to_uint8(skeleton * 2 - 1)[drawn])
+
+
 def test_app_names_what_is_wrong(app, demo_pipe, photos):
     coffee, astronaut = read_photo(photos / "coffee.png"), read_photo(photos / "astronaut.png")
     with pytest.raises(ValueError, match="your photo: no person found"):
@@ -85,7 +138,7 @@ def test_app_names_what_is_wrong(app, demo_pipe, photos):
         app.transfer(demo_pipe, astronaut, "photo", coffee, None, 0)
     with pytest.raises(ValueError, match="upload the photo whose pose"):
         app.transfer(demo_pipe, astronaut, "photo", None, None, 0)
-    with pytest.raises(ValueError, match="upload a photo of a person"):
+    with pytest.raises(ValueError, match="upload a photo of a person as the source, or pick an example"):
         app.transfer(demo_pipe, None, "gallery", None, None, 0)
 
 

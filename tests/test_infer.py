@@ -23,12 +23,14 @@ from data.photo import _pose_solution, frame_photo, read_photo
 from data.pose import load_keypoints
 from data.synthetic import make_synthetic
 from inference import Pipeline
+from inference.pairs import generate_pairs
 from models import XMDPT, export, load_checkpoint
 from models.encoders import build_encoders
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden_size=32", "model.depth=3", "model.num_heads=2", "data.cache=null"]
 SIZE = load_config(ROOT / "configs/demo.yaml")["data"]["size"]
+DINO_SIZE = load_config(ROOT / "configs/demo.yaml")["encoders"]["pose"]["size"]  # the demo's DINOv2 input side
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,8 @@ def setup(tmp_path_factory):
 
 def reference_image(model, encoders, source, skeleton, seed, steps, cfg_scale, scale_pow, clip):
     """One pair generated from the definitions alone: its generator (seeded with its own seed) draws the
-    source's posterior sample, then the starting noise; DINOv2 sees the skeleton and the source resized to
-    224 (bicubic, no antialias); each DDIM step (eta 0, timesteps round(k 999 / (steps - 1))) runs separate
+    source's posterior sample, then the starting noise; DINOv2 sees the skeleton and the source resized to its
+    input side (the demo config's; 224 for the released models; bicubic, no antialias); each DDIM step (eta 0, timesteps round(k 999 / (steps - 1))) runs separate
     conditional and unconditional forwards mixed with the power-cosine scale; the model's first channels are
     eps or v as its weights say."""
     g = torch.Generator().manual_seed(seed)
@@ -58,7 +60,7 @@ def reference_image(model, encoders, source, skeleton, seed, steps, cfg_scale, s
     mean, logvar = fs.moments(source[None])
     latent = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)) * fs.scale
     x = torch.randn(latent.shape, generator=g)
-    resize = lambda image: F.interpolate(image[None], size=(224, 224), mode="bicubic", antialias=False)
+    resize = lambda image: F.interpolate(image[None], size=(DINO_SIZE, DINO_SIZE), mode="bicubic", antialias=False)
     cond = dict(pose=encoders.pose(resize(skeleton)), image=encoders.image(resize(source)), source=latent)
     alphas = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
     ts = [round(k * 999 / (steps - 1)) for k in range(steps)]
@@ -243,9 +245,9 @@ def test_checkpoint_of_another_architecture_is_refused_before_any_encoder(setup,
 
 
 @pytest.mark.parametrize("damage", ["weights cut short", "config cut short", "training checkpoint cut short"])
-def test_an_incomplete_checkpoint_ends_in_one_line(setup, tmp_path, damage):
+def test_an_incomplete_checkpoint_ends_in_one_line(setup, tmp_path, capsys, damage):
     """An export folder whose model.safetensors or config.json an interrupted copy cut short, or a cut training
-    checkpoint: infer_xmdpt.py, run as a user runs it, ends with one line naming the file, and exit status 2."""
+    checkpoint: infer_xmdpt.py ends with one line naming the file, and exit status 2."""
     tmp, cfg = setup
     ckpt = tmp_path / "tiny"
     shutil.copytree(tmp / "tiny", ckpt)
@@ -257,11 +259,13 @@ def test_an_incomplete_checkpoint_ends_in_one_line(setup, tmp_path, damage):
     else:
         cut = ckpt / ("model.safetensors" if damage == "weights cut short" else "config.json")
     cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
-    result = subprocess.run([sys.executable, "infer_xmdpt.py", "--config", str(tmp / "cfg.yaml"), "--ckpt", str(ckpt),
-                             "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        infer_xmdpt.main(["--config", str(tmp / "cfg.yaml"), "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
     assert re.fullmatch(rf"infer_xmdpt.py: error: (checkpoint|the config in) {cut} is incomplete or corrupt \(.+\)\n",
-                        result.stderr), result.stderr
+                        err), err
 
 
 def test_a_sampler_that_does_not_fit_the_model_is_refused_in_one_line(setup, tmp_path, capsys):
@@ -386,36 +390,149 @@ def test_console_stays_quiet(setup, photos, mediapipe, tmp_path):
     assert result.stderr == "" and result.stdout.startswith("wrote ") and result.stdout.count("\n") == 1
 
 
+def shared_sources(root):
+    """Rewrite a synthetic set's test pairs so that every person's pairs share one source photo (its first pair's),
+    as DeepFashion's test pairs share theirs; returns {source: pairs}."""
+    lines = (root / "test_pairs.txt").read_text().split()
+    first, rewritten = {}, []
+    for line in lines:
+        target, source = line.split(",")
+        person = Path(target).parent
+        chosen = first.setdefault(person, source)
+        rewritten.append(f"{target},{chosen if chosen != target else source}")
+    (root / "test_pairs.txt").write_text("\n".join(rewritten) + "\n")
+    counts = {}
+    for line in rewritten:
+        counts[line.split(",")[1]] = counts.get(line.split(",")[1], 0) + 1
+    return counts
+
+
+def test_each_source_photo_is_encoded_once_and_the_images_do_not_change(setup, tmp_path, monkeypatch):
+    """Test pairs whose persons share a source photo: with reuse, the photo's encoders run once for all of its pairs
+    (DINOv2-G and the VAE encoder see one row per distinct photo), and every file written is the same, byte for
+    byte, as when each pair encodes its own source."""
+    tmp, _ = setup
+    shutil.copytree(tmp / "data", tmp_path / "data")
+    counts = shared_sources(tmp_path / "data")
+    assert max(counts.values()) > 1
+    pipe = Pipeline.from_config(tmp / "cfg.yaml", tmp / "tiny")
+    settings = pipe.settings(steps=2)
+    encoded, real = [], Pipeline.encode_sources
+
+    def counting(self, images):
+        encoded.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(Pipeline, "encode_sources", counting)
+    for reuse in (False, True):
+        encoded.clear()
+        generate_pairs(pipe, tmp_path / "data", tmp_path / str(reuse), settings=settings, batch_size=4,
+                       reuse_sources=reuse)
+        assert sum(encoded) == (len(counts) if reuse else sum(counts.values()))
+    files = sorted(p.relative_to(tmp_path / "False") for p in (tmp_path / "False").rglob("*.png"))
+    assert len(files) == 4 * sum(counts.values())
+    assert all((tmp_path / "False" / f).read_bytes() == (tmp_path / "True" / f).read_bytes() for f in files)
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_pairs_and_match_one(setup, tmp_path):
-    """torchrun with 2 gloo processes on the CPU: every pair's image is the one a single process writes, byte for
-    byte; an interrupted run regenerates only what is missing; the scores are printed once."""
+    """torchrun with 2 gloo processes on the CPU, pairs sharing their source photos: each process takes whole
+    photos with all their pairs (each photo encoded by one process, once), and every pair's image is the one a
+    single process writes encoding each pair's source on its own, byte for byte; an interrupted run regenerates
+    only what is missing; the scores are printed once."""
     tmp, _ = setup
     make_synthetic(tmp_path / "data", num_identities=6, poses_per_identity=3, size=SIZE, seed=2, test_fraction=0.5)
+    counts = shared_sources(tmp_path / "data")
     common = ["--config", str(tmp / "cfg.yaml"), "--ckpt", str(tmp / "tiny"), "--data", str(tmp_path / "data"),
-              "--steps", "3", "--limit", "7", "--batch-size", "2", "--no-grids"]
+              "--steps", "3", "--batch-size", "2", "--no-grids"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = lambda *argv: subprocess.run([sys.executable, *argv], env=env, cwd=ROOT, capture_output=True,
                                           text=True, timeout=300)
     two = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "infer_xmdpt.py"]
-    single = launch("infer_xmdpt.py", *common, "--out", str(tmp_path / "one"))
+    pipe = Pipeline.from_config(tmp / "cfg.yaml", tmp / "tiny")
+    generate_pairs(pipe, tmp_path / "data", tmp_path / "one", settings=pipe.settings(steps=3), batch_size=2,
+                   grids=False, reuse_sources=False)
     split = launch(*two, *common, "--out", str(tmp_path / "two"))
-    assert single.returncode == 0 and split.returncode == 0, split.stderr[-3000:]
+    assert split.returncode == 0, split.stderr[-3000:]
     assert split.stdout.count("mean SSIM / PSNR") == 1
     shares = sorted(map(int, re.findall(r"process \d of 2: generated (\d+) pairs", split.stdout)))
-    assert shares == [3, 4]  # batches of 2: {0, 1}, {4, 5} for one process, {2, 3}, {6} for the other
+    photos = list(counts.values())  # in the order of the pair list: process 0 takes photos 0, 2, ...; 1 the others
+    assert shares == sorted([sum(photos[0::2]), sum(photos[1::2])])
     one, both = (tmp_path / "one" / "generated"), (tmp_path / "two" / "generated")
     names = sorted(p.name for p in one.iterdir())
-    assert len(names) == 7 and sorted(p.name for p in both.iterdir()) == names
+    assert len(names) == sum(photos) and sorted(p.name for p in both.iterdir()) == names
     assert all((one / n).read_bytes() == (both / n).read_bytes() for n in names)
 
     kept = {n: (both / n).stat().st_mtime_ns for n in names[3:]}
     for name in names[:3]:
         (both / name).unlink()
     resumed = launch(*two, *common, "--out", str(tmp_path / "two"))
-    assert resumed.returncode == 0 and "4 of 7 pairs already generated" in resumed.stdout
+    assert resumed.returncode == 0 and f"{len(names) - 3} of {len(names)} pairs already generated" in resumed.stdout
     assert {n: (both / n).stat().st_mtime_ns for n in names[3:]} == kept
     assert all((one / n).read_bytes() == (both / n).read_bytes() for n in names)
+
+
+# ---- one photo in many poses ---------------------------------------------------------------------------------
+
+def pose_folder(setup, folder, count=3):
+    """`count` keypoint files of the synthetic set copied into `folder`; their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = sorted((setup[0] / "data" / "pose").rglob("*.txt"))[:count]
+    for i, path in enumerate(files):
+        shutil.copy(path, folder / f"pose{i}.txt")
+    return sorted(folder.iterdir())
+
+
+def test_one_photo_in_many_poses(setup, photos, mediapipe, tmp_path, capsys):
+    """--source with a folder of poses: one image per pose, each the image the Pipeline draws for that pose alone
+    from the same seed (the photo encoded once for all), its grid, and the contact sheet (the photo, then each
+    pose's skeleton over its image). An interrupted run goes on where it stopped: the images written are kept
+    and only the missing one is generated, the same as before."""
+    tmp, _ = setup
+    files = pose_folder(setup, tmp_path / "poses")
+    run(setup, tmp_path / "out", "--source", str(photos / "astronaut.png"), "--target-pose", str(tmp_path / "poses"),
+        "--seed", "4")
+    pipe = Pipeline.from_config(tmp / "cfg.yaml", tmp / "tiny")
+    framed = frame_photo(read_photo(photos / "astronaut.png"), SIZE)
+    generated = tmp_path / "out" / "generated"
+    for path in files:
+        alone = pipe(framed.image[None], keypoints=[load_keypoints(path)], seeds=[4], settings=pipe.settings(steps=2))
+        assert np.array_equal(np.asarray(Image.open(generated / f"astronaut_2_{path.stem}.png")), to_uint8(alone[0]))
+        assert Image.open(tmp_path / "out" / "grids" / f"astronaut_2_{path.stem}.png").size == (3 * SIZE, SIZE)
+    sheet = Image.open(tmp_path / "out" / "astronaut_poses.png")
+    assert sheet.size == (4 * 256, 256)  # the photo and 3 poses, each drawn at 256 pixels
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in generated.iterdir()}
+    (generated / "astronaut_2_pose1.png").unlink()
+    capsys.readouterr()
+    run(setup, tmp_path / "out", "--source", str(photos / "astronaut.png"), "--target-pose", str(tmp_path / "poses"),
+        "--seed", "4")
+    assert "2 of 3 poses already generated" in capsys.readouterr().out
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in generated.iterdir()}
+    assert after["astronaut_2_pose1.png"][1] == before["astronaut_2_pose1.png"][1]
+    assert all(after[n] == before[n] for n in before if n != "astronaut_2_pose1.png")
+
+
+def test_bad_poses_end_in_one_line_and_keep_the_images_written(setup, photos, mediapipe, tmp_path, capsys):
+    """An empty folder, a malformed keypoint file among good ones, two poses of one name, a pose photo with no
+    person: one line naming it, exit status 2, checked before anything is generated, so the images of an earlier
+    run are kept as they were."""
+    files = pose_folder(setup, tmp_path / "poses", 2)
+    source = ["--source", str(photos / "astronaut.png")]
+    run(setup, tmp_path / "out", *source, "--target-pose", *map(str, files))
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "generated").iterdir()}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other").mkdir()
+    shutil.copy(files[0], tmp_path / "other" / files[0].name)
+    cases = [(["--target-pose", str(tmp_path / "empty")], r"empty: no keypoint files \(.txt or .json\) in the folder"),
+             (["--target-pose", *map(str, files), str(tmp_path / "bad.json")], "bad.json: not valid JSON"),
+             (["--target-pose", str(files[0]), str(tmp_path / "other" / files[0].name)],
+              "two target poses share the name 'pose0'"),
+             (["--target-pose-from", str(photos / "astronaut.png"), str(photos / "coffee.png")],
+              "coffee.png: no person found")]
+    for argv, message in cases:
+        assert re.search(message, fails(setup, capsys, tmp_path / "out", *source, *argv)), message
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "generated").iterdir()} == kept
 
 
 def figure_colour(rgb):
