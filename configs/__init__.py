@@ -5,8 +5,9 @@ own sections are merged over it, key by key.
 
 The `model:` section is an XMDPTConfig: `preset` names one of XMDPT_CONFIGS, and every other key is one of
 its fields. The fields that follow from other sections are derived, and a model section that states them
-otherwise is refused: the DINOv2 widths (pose_dim, image_dim) from `encoders:`, and the latent grid
-(input_size, in_channels) from `data.size` through the first stage.
+otherwise is refused: the DINOv2 widths (pose_dim, image_dim) and token count (dino_tokens, from the input `size`,
+224 unless an encoder says otherwise) from `encoders:`, and the latent grid (input_size, in_channels) from
+`data.size` through the first stage.
 """
 import copy
 import re
@@ -29,8 +30,11 @@ SCHEMA = {
               "compile"},
     "sample": {"steps", "cfg_scale", "scale_pow", "clip_denoised", "num_pairs"},
 }
-# Sections a config may have: `distill` makes a training run distil its teacher into a consistency model.
-OPTIONAL = {"distill": {"teacher", "cfg_scale", "scale_pow", "loss", "huber_c", "weighting"}}
+# A `distill` section makes a training run distil its teacher into a few-step student, by its `method`:
+# consistency distillation (the default) or distribution matching (dmd2), each with keys of its own.
+DISTILL = {"consistency": {"loss", "huber_c", "weighting"},
+           "dmd2": {"student", "ratio", "fake_lr", "gan_weight", "head_weight"}}
+DISTILL_KEYS = {"teacher", "cfg_scale", "scale_pow"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -92,17 +96,30 @@ def load_config(path, overrides=()):
     return cfg
 
 
+def distill_method(cfg):
+    """The distillation method of a config with a `distill` section: its `method`, consistency by default."""
+    return cfg["distill"].get("method", "consistency")
+
+
 def check_config(cfg, source="config"):
-    """Every section and key of SCHEMA is there (and of OPTIONAL, where the section is), and the model section
+    """Every section and key of SCHEMA is there (and of a `distill` section, its method's), and the model section
     makes a valid XMDPTConfig: a consistency model exactly when the config distils one, and without MIPNet."""
-    for section, keys in [*SCHEMA.items(), *((s, k) for s, k in OPTIONAL.items() if s in cfg)]:
+    sections = list(SCHEMA.items())
+    if "distill" in cfg:
+        if not isinstance(cfg["distill"], dict) or distill_method(cfg) not in DISTILL:
+            method = cfg["distill"].get("method") if isinstance(cfg["distill"], dict) else cfg["distill"]
+            raise InputError(f"{source}: distill.method must be one of {', '.join(DISTILL)}, got {method!r}")
+        sections.append(("distill", DISTILL_KEYS | DISTILL[distill_method(cfg)]))
+    for section, keys in sections:
         if not isinstance(cfg.get(section), dict):
             raise InputError(f"{source}: missing section {section!r}")
-        missing, unknown = sorted(keys - set(cfg[section])), sorted(set(cfg[section]) - keys)
+        given = set(cfg[section]) - {"method"} if section == "distill" else set(cfg[section])
+        missing, unknown = sorted(keys - given), sorted(given - keys)
         if missing:
             raise InputError(f"{source}: missing keys in section {section!r}: {', '.join(missing)}")
-        if unknown and section in OPTIONAL:
-            raise InputError(f"{source}: unknown keys in section {section!r}: {', '.join(unknown)}")
+        if unknown and section == "distill":
+            raise InputError(f"{source}: unknown keys in section 'distill' for method {distill_method(cfg)}: "
+                             f"{', '.join(unknown)}")
     try:
         config = model_config(cfg)
     except (ValueError, TypeError) as e:
@@ -113,10 +130,12 @@ def check_config(cfg, source="config"):
     if config.consistency and "distill" not in cfg:
         raise InputError(f"{source}: model.consistency: true needs a distill section: a consistency model is "
                          f"distilled from a diffusion model (configs/distill_demo.yaml)")
-    from models.consistency import LOSSES, WEIGHTINGS
-    for key, allowed in (("loss", LOSSES), ("weighting", WEIGHTINGS)):
-        if "distill" in cfg and cfg["distill"][key] not in allowed:
-            raise InputError(f"{source}: distill.{key} must be one of {', '.join(allowed)}, got {cfg['distill'][key]!r}")
+    if "distill" in cfg and distill_method(cfg) == "consistency":
+        from models.consistency import LOSSES, WEIGHTINGS
+        for key, allowed in (("loss", LOSSES), ("weighting", WEIGHTINGS)):
+            if cfg["distill"][key] not in allowed:
+                raise InputError(f"{source}: distill.{key} must be one of {', '.join(allowed)}, got "
+                                 f"{cfg['distill'][key]!r}")
 
 
 def model_config(cfg):
@@ -124,7 +143,7 @@ def model_config(cfg):
     encoders and the image size. Nothing is built, so a checkpoint can be checked against it before any encoder
     is."""
     from models import XMDPT_CONFIGS, XMDPTConfig
-    from models.encoders import dinov2_width, first_stage_geometry
+    from models.encoders import DINOV2_SIZE, dinov2_tokens, dinov2_width, first_stage_geometry
     fields = dict(cfg["model"])
     preset = fields.pop("preset")
     if preset not in XMDPT_CONFIGS:
@@ -141,8 +160,13 @@ def model_config(cfg):
     stage = (f"data.size {size} through encoders.first_stage ({first_stage['type']}: {downsample}x down, "
              f"{channels} channels)")
     pose, image = cfg["encoders"]["pose"]["dinov2"], cfg["encoders"]["image"]["dinov2"]
+    sizes = {name: cfg["encoders"][name].get("size", DINOV2_SIZE) for name in ("pose", "image")}
+    if dinov2_tokens(sizes["pose"]) != dinov2_tokens(sizes["image"]):
+        raise InputError(f"encoders.pose.size {sizes['pose']} and encoders.image.size {sizes['image']} must give "
+                         f"DINOv2 the same number of tokens: CANet reads both with one layout")
     derived = {"pose_dim": (dinov2_width(pose), f"encoders.pose.dinov2 {pose}"),
                "image_dim": (dinov2_width(image), f"encoders.image.dinov2 {image}"),
+               "dino_tokens": (dinov2_tokens(sizes["pose"]), f"encoders.pose.size {sizes['pose']}"),
                "input_size": (size // downsample, stage), "in_channels": (channels, stage)}
     for field, (value, source) in derived.items():
         if fields.setdefault(field, value) != value:

@@ -1,4 +1,5 @@
-"""The DeepFashion metrics (FID, SSIM, PSNR, LPIPS) under two protocols.
+"""The DeepFashion metrics (FID, SSIM, PSNR, LPIPS) under two protocols, and two distribution metrics for
+comparing samplers: the sliced Wasserstein distance on Laplacian-pyramid patches (no network) and KID.
 
 pidm (the default): the PIDM/GFLA metrics script behind the published tables. Every choice (sizes,
 interpolation, SSIM arguments, value ranges) follows it, so that the numbers are comparable with them.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from scipy import linalg
+from scipy.ndimage import convolve
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision IMAGENET1K_V1
@@ -175,3 +177,92 @@ def network_fingerprint(net):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- distribution metrics
+
+GAUSS_5 = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256  # the pyramid's 5x5 binomial kernel
+
+
+def pyramid_down(images):
+    """(N, H, W, C) float images blurred by GAUSS_5 (edges mirrored) and every other row and column kept."""
+    return convolve(images, GAUSS_5[None, :, :, None], mode="mirror")[:, ::2, ::2]
+
+
+def pyramid_up(images):
+    """The inverse step's expansion: zeros between the pixels, then GAUSS_5 times 4 (the zeros' share)."""
+    n, h, w, c = images.shape
+    spread = np.zeros((n, 2 * h, 2 * w, c), images.dtype)
+    spread[:, ::2, ::2] = images
+    return convolve(spread, 4 * GAUSS_5[None, :, :, None], mode="mirror")
+
+
+def laplacian_pyramid(images, min_size=16):
+    """The Laplacian pyramid of (N, H, W, C) float images down to `min_size`: the band-pass levels, finest
+    first, then the low-pass residual at min_size; the levels sum back (`pyramid_up` each coarser) to the images."""
+    levels, current = [], np.asarray(images, np.float64)
+    while current.shape[1] > min_size:
+        coarser = pyramid_down(current)
+        levels.append(current - pyramid_up(coarser))
+        current = coarser
+    return levels + [current]
+
+
+def patch_descriptors(level, per_image=128, size=7, rng=None):
+    """`per_image` random size x size patches of each image of a pyramid level (N, H, W, C), each channel
+    normalised to mean 0 and standard deviation 1 over all the patches: (N * per_image, size * size * C)."""
+    rng = rng or np.random.default_rng(0)
+    n, h, w, c = level.shape
+    ys = rng.integers(0, h - size + 1, (n, per_image))
+    xs = rng.integers(0, w - size + 1, (n, per_image))
+    offsets = np.arange(size)
+    patches = level[np.arange(n)[:, None, None, None], (ys[..., None] + offsets)[..., None],
+                    (xs[..., None] + offsets)[..., None, :]]  # (N, per_image, size, size, C)
+    patches = patches.reshape(-1, size, size, c)
+    patches = (patches - patches.mean(axis=(0, 1, 2))) / patches.std(axis=(0, 1, 2))
+    return patches.reshape(len(patches), -1)
+
+
+def sliced_wasserstein(a, b, projections=512, rng=None):
+    """The sliced Wasserstein distance of two equal-size point sets (M, D): the mean, over random unit directions,
+    of the 1-D Wasserstein-1 distance of their projections (for equal sizes, the mean gap of the sorted values)."""
+    rng = rng or np.random.default_rng(0)
+    directions = rng.standard_normal((a.shape[1], projections))
+    directions /= np.linalg.norm(directions, axis=0, keepdims=True)
+    projected = [np.sort(directions.T @ points.T, axis=1) for points in (a, b)]  # (projections, M), rows sorted
+    return float(np.abs(projected[0] - projected[1]).mean())
+
+
+def swd(real, fake, min_size=16, per_image=128, projections=512, seed=0):
+    """Sliced Wasserstein distance between two sets of uint8 RGB images (N, H, W, 3), as ProGAN measures it
+    (Karras et al. 2018, section 5): per level of a Laplacian pyramid down to 16x16, 7x7 patches with each
+    channel normalised, compared along 512 random directions; in thousandths, by level size, with their mean
+    ("mean"). Blur and grain both move the patches' distribution away from the real one's."""
+    if len(real) != len(fake):
+        raise ValueError(f"SWD compares sets of the same size, got {len(real)} and {len(fake)}")
+    rng = np.random.default_rng(seed)
+    pyramids = [laplacian_pyramid(np.asarray(images, np.float64) / 255, min_size) for images in (real, fake)]
+    scores = {}
+    for real_level, fake_level in zip(*pyramids):
+        a, b = (patch_descriptors(level, per_image, rng=rng) for level in (real_level, fake_level))
+        scores[real_level.shape[1]] = 1e3 * sliced_wasserstein(a, b, projections, rng)
+    scores["mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def kid(real_features, fake_features, subset_size=1000, subsets=100, seed=0):
+    """Kernel Inception Distance (Binkowski et al. 2018) of two sets of Inception features (N, D): the unbiased
+    MMD^2 with the cubic polynomial kernel (x.y / D + 1)^3, averaged over `subsets` random subsets of
+    min(subset_size, N) each; unbiased at any sample size, unlike FID. -> (mean, standard deviation), computed by
+    torchmetrics on the features given."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+    size = min(subset_size, len(real_features), len(fake_features))
+    with warnings.catch_warnings():  # that it keeps every feature in memory: these are the features
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=subsets, subset_size=size)
+    metric.update(torch.as_tensor(real_features, dtype=torch.float64), real=True)
+    metric.update(torch.as_tensor(fake_features, dtype=torch.float64), real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)

@@ -68,6 +68,27 @@ def ict_weights(alphas_cumprod, num_timesteps):
     return (weights / weights.mean()).float()
 
 
+class ConsistencyFunction:
+    """f(net, x, t, cond) = c_skip(t) x + c_out(t) x0, x0 the clean estimate of the network's conditional output
+    (eps or v, `prediction`), with LCM's boundary scalings (`scalings`): what a consistency model's sample is at
+    timestep t. clip_denoised clamps x0 to [-1, 1], as the sampler clamps it; `straight_through` lets the gradient
+    pass the clamp as if it were not there (a student learning from a loss on its samples)."""
+
+    def __init__(self, diffusion, prediction, clip_denoised=False, straight_through=False):
+        self.diffusion, self.clip_denoised, self.straight_through = diffusion, clip_denoised, straight_through
+        self.scalings = lcm_scheduler(diffusion, prediction).get_scalings_for_boundary_condition_discrete
+
+    def __call__(self, net, x, t, cond):
+        n, channels = x.shape[:2]
+        out = net(x, t, **cond, drop_cond=torch.zeros(n, dtype=torch.bool, device=x.device))[:, :channels]
+        x0 = self.diffusion.x0_from(out.to(x.dtype), x, t, prediction_of(net))
+        if self.clip_denoised:
+            clamped = x0.clamp(-1, 1)
+            x0 = x0 + (clamped - x0).detach() if self.straight_through else clamped
+        c_skip, c_out = (c.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) for c in self.scalings(t.double()))
+        return c_skip * x + c_out * x0
+
+
 def pseudo_huber(a, b, c):
     """sqrt((a - b)^2 + c^2) - c, elementwise, averaged per sample: L2 for differences well under c, L1 above."""
     return mean_flat(((a - b) ** 2 + c ** 2).sqrt() - c)
@@ -98,19 +119,8 @@ class ConsistencyDistillation(Objective):
         self.clip_denoised = clip_denoised
         self.pair_weights = (ict_weights(diffusion.alphas_cumprod, diffusion.num_timesteps) if weighting == "ict"
                              else torch.ones(TEACHER_STEPS))
-        self.scalings = lcm_scheduler(diffusion, prediction_of(student)).get_scalings_for_boundary_condition_discrete
+        self.consistency_function = ConsistencyFunction(diffusion, prediction_of(student), clip_denoised)
         self.terms = ("total", "mse") if loss == "l2" else ("total", "huber", "mse")
-
-    def consistency_function(self, net, x, t, cond):
-        """f_net(x, t) = c_skip(t) x + c_out(t) x0, x0 the clean estimate of net's conditional output (clamped to
-        [-1, 1] with clip_denoised, as the sampler clamps it)."""
-        n, channels = x.shape[:2]
-        out = net(x, t, **cond, drop_cond=torch.zeros(n, dtype=torch.bool, device=x.device))[:, :channels]
-        x0 = self.diffusion.x0_from(out.to(x.dtype), x, t, prediction_of(net))
-        if self.clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        c_skip, c_out = (c.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) for c in self.scalings(t.double()))
-        return c_skip * x + c_out * x0
 
     def forward(self, x0, cond):
         """x0 (N, C, H, W) target latents; cond: the condition (`pose`, `image` tokens, `source` latent)."""

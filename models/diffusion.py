@@ -140,6 +140,14 @@ class Diffusion:
         a, s = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         return a * pred + s * x_t
 
+    def prediction_target(self, x0, noise, t, prediction):
+        """What a model's first output channels should predict for x_t = q_sample(x0, t, noise): the noise (eps),
+        or v = sqrt(a) noise - sqrt(1 - a) x0."""
+        if prediction == "eps":
+            return noise
+        a, s = self._at(self.sqrt_alphas_cumprod, t, x0), self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return a * noise - s * x0
+
     def q_posterior(self, x0, x_t, t):
         """The mean and clipped log variance of q(x_(t-1) | x_t, x0)."""
         mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
@@ -170,10 +178,7 @@ class Diffusion:
             raise ValueError(f"training_losses needs a learned-sigma model output with {2 * channels} channels, "
                              f"got {out.shape[1]}")
         pred, var_values = out.split(channels, dim=1)
-        target = noise
-        if prediction == "v":
-            a, s = self._at(self.sqrt_alphas_cumprod, t, x0), self._at(self.sqrt_one_minus_alphas_cumprod, t, x0)
-            target = a * noise - s * x0
+        target = self.prediction_target(x0, noise, t, prediction)
         vb = self.vb_terms_bpd(self.eps_from(pred.detach(), x_t, t, prediction), var_values, x0, x_t, t)
         mse = mean_flat((target - pred) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb}

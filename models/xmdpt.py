@@ -219,6 +219,11 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
         """TDNet on noisy latents x (N, C, H, W) at timesteps t (N,) under the condition y (N, D) ->
         (N, out_channels, H, W). With the source tokens (N, L, D), the masked forward: the encoder sees the kept
         tokens (mask_noise (N, L) pins which) and MIPNet restores the sequence, attending to the source."""
+        h, c = self.trunk(x, t, y, source_tokens, mask_noise)
+        return self.tdnet.head(h, c)  # (N, out_channels, H, W)
+
+    def trunk(self, x, t, y, source_tokens=None, mask_noise=None):
+        """`denoise` up to the head: the tokens (N, L, D) after the last block, and c = t_emb + y (N, D)."""
         tdnet = self.tdnet
         h = tdnet.embed(x)  # (N, L, D) noisy target patches + position
         c = tdnet.t_embedder(t) + y  # (N, D)
@@ -232,8 +237,7 @@ class XMDPT(nn.Module, PyTorchModelHubMixin, library_name="xmdpt", tags=["pose-g
                 with torch.no_grad():  # the source at the target's level, through the same encoder blocks
                     context = tdnet.encode(source_tokens, c)  # (N, L, D)
             h = self.mipnet(h, c, ids_keep, tdnet.decoder_pos_embed, context)  # (N, L, D)
-        h = tdnet.decode(h, c)  # (N, L, D)
-        return tdnet.head(h, c)  # (N, out_channels, H, W)
+        return tdnet.decode(h, c), c  # (N, L, D), (N, D)
 
     def compile_denoiser(self, **options):
         """Compile `denoise` (TDNet and MIPNet, where nearly all the work is) with torch.compile, for the life of

@@ -159,7 +159,7 @@ def test_the_consistency_function_is_the_identity_at_zero_and_the_estimate_above
     with torch.no_grad():
         at_zero = objective.consistency_function(student, x, torch.zeros(3, dtype=torch.long), cond)
         assert torch.equal(at_zero, x)
-        c_skip, c_out = objective.scalings(torch.tensor([0.0, 19.0, 999.0], dtype=torch.float64))
+        c_skip, c_out = objective.consistency_function.scalings(torch.tensor([0.0, 19.0, 999.0], dtype=torch.float64))
         assert (c_skip[0], c_out[0]) == (1.0, 0.0)
         assert c_skip[1] < 1e-5 and c_skip[2] < 1e-8 and 1 - c_out[1] < 1e-5
         for t in (19, 999):

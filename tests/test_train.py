@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,17 @@ def distill_config(root, teacher, **train):
     return cfg
 
 
+def dmd2_config(root, teacher, student=None, **train):
+    """configs/dmd2_demo.yaml at tiny_config's size, distilling `teacher` into a student started from `student`
+    (None: the teacher)."""
+    cfg = load_config(ROOT / "configs/dmd2_demo.yaml", [f"data.root={root}", "data.cache=null",
+                                                        "train.sample_every=0", f"distill.teacher={teacher}"])
+    cfg["distill"]["student"] = None if student is None else str(student)
+    cfg["model"].update(hidden_size=32, depth=3, num_heads=2, patch_size=8)
+    cfg["train"].update(global_batch=4, **train)
+    return cfg
+
+
 def read_log(out):
     with open(Path(out) / "log.csv") as f:
         return list(csv.DictReader(f))
@@ -87,22 +100,22 @@ def demo_cache(synth):
 
 @pytest.mark.slow
 def test_demo_learns_and_resumes_exactly(synth, demo_cache, tmp_path):
-    cfg = demo_config(synth, demo_cache, max_steps=150, log_every=1, ckpt_every=50)
+    cfg = demo_config(synth, demo_cache, max_steps=80, log_every=1, ckpt_every=20)
     train_xmdpt.train(cfg, tmp_path / "full")
     full = [float(r["total"]) for r in read_log(tmp_path / "full")]
-    assert len(full) == 150
+    assert len(full) == 80
     first, last = np.mean(full[:15]), np.mean(full[-15:])
     assert last < 0.7 * first, (first, last)
 
-    # A run stopped at step 100 holds what the full run held then: its checkpoints, and a log that resuming
-    # cuts back to step 100 (here it runs on to 150, and must be cut).
+    # A run stopped at step 60 holds what the full run held then: its checkpoints, and a log that resuming
+    # cuts back to step 60 (here it runs on to 80, and must be cut).
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    for name in ("checkpoints/0000050.pt", "checkpoints/0000100.pt", "log.csv"):
+    for name in ("checkpoints/0000040.pt", "checkpoints/0000060.pt", "log.csv"):
         shutil.copy(tmp_path / "full" / name, tmp_path / "resumed" / name)
     train_xmdpt.train(cfg, tmp_path / "resumed", resume=True)
     resumed = [float(r["total"]) for r in read_log(tmp_path / "resumed")]
-    assert [int(r["step"]) for r in read_log(tmp_path / "resumed")] == list(range(1, 151))
-    np.testing.assert_allclose(resumed[100:], full[100:], rtol=1e-4)
+    assert [int(r["step"]) for r in read_log(tmp_path / "resumed")] == list(range(1, 81))
+    np.testing.assert_allclose(resumed[60:], full[60:], rtol=1e-4)
 
 
 def test_cached_step_equals_online_step(synth, demo_cache):
@@ -214,15 +227,15 @@ def test_nan_loss_between_log_rows_names_its_step(synth, tmp_path, monkeypatch):
     assert read_log(tmp_path) == [] and not list((tmp_path / "checkpoints").iterdir())
 
 
-def signal_at_call(monkeypatch, n, *signals):
-    """Send this process `signals` (one after the other) from inside the n-th objective call, mid-step."""
-    real, calls = XMDPTLoss.forward, []
+def signal_at_call(monkeypatch, n, *signals, then=None):
+    """Send this process `signals` (one after the other) from inside the n-th objective call, mid-step; `then`:
+    {call: signals} sent later."""
+    real, calls, schedule = XMDPTLoss.forward, [], {n: signals, **(then or {})}
 
     def patched(self, *args):
         calls.append(1)
-        if len(calls) == n:
-            for s in signals:
-                os.kill(os.getpid(), s)
+        for s in schedule.get(len(calls), ()):
+            os.kill(os.getpid(), s)
         return real(self, *args)
 
     monkeypatch.setattr(XMDPTLoss, "forward", patched)
@@ -257,6 +270,23 @@ def test_ctrl_c_finishes_the_step_and_saves_it_a_second_stops_at_once(synth, tmp
     assert signal.getsignal(signal.SIGINT) is found  # the handler found is given back
 
 
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(synth, tmp_path, monkeypatch, capsys):
+    """Started with SIGINT ignored, as `nohup python train_xmdpt.py ... &` or a job runner starts it, a run goes on
+    through a Ctrl-C meant for the terminal, as shells and Python do; SIGTERM still stops it on a step boundary
+    with its checkpoint (exit 75), and SIGINT is left ignored afterwards."""
+    cfg = tiny_config(synth, max_steps=10, ckpt_every=100, log_every=100)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal_at_call(monkeypatch, 2, signal.SIGINT, then={5: [signal.SIGTERM]})
+        with pytest.raises(SystemExit) as stopped:
+            train_xmdpt.train(cfg, tmp_path)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.code == 75 and steps_saved(tmp_path) == [5]
+    assert "stopped by SIGTERM at step 5" in last_line(capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75)])
 def test_preemption_signals_save_and_exit_for_a_requeue(synth, tmp_path, monkeypatch, capsys, signum, status):
     cfg = tiny_config(synth, max_steps=10, ckpt_every=2, log_every=100)
@@ -271,6 +301,7 @@ def test_preemption_signals_save_and_exit_for_a_requeue(synth, tmp_path, monkeyp
 
 KILL_STEPS = 16
 EXIT_STATUS = {signal.SIGKILL: -signal.SIGKILL, signal.SIGINT: 130, signal.SIGTERM: 75}
+ONE_THREAD = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def logged_steps(out):
@@ -282,26 +313,28 @@ def staged_files(out):
     return sorted(p.name for p in (Path(out) / "checkpoints").glob(".*"))
 
 
-def kill_and_resume(cfg_path, out, signum, rng, kills):
-    """Run train_xmdpt.py on `cfg_path` as a user does, and `kills` times: wait until it has trained a step past
-    its checkpoint, then send `signum` at a moment drawn from `rng`, either some time into the steps that
-    follow or the moment a checkpoint is being written; then resume it (--resume) and let it finish. Returns,
-    for each kill, (where it was aimed, the last step logged, the step resumed from, the staged files it left)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def kill_and_resume(cfg_path, out, kills, rng):
+    """Run train_xmdpt.py on `cfg_path` as a user does, and for each (signal, aim) of `kills`: wait until it has
+    trained a step past its checkpoint, then send the signal either some time (drawn from `rng`) into the steps
+    that follow ("mid-step") or the moment a checkpoint is being written ("mid-save"); then resume it (--resume).
+    The last run is let finish. Returns, for each kill, (the last step logged, the step resumed from, the staged
+    files it left)."""
+    env = dict(os.environ, **ONE_THREAD)
     cmd = [sys.executable, "train_xmdpt.py", "--config", str(cfg_path), "--out", str(out), "--resume"]
     records = []
-    for kill in range(kills + 1):
+    for signum, aim in [*kills, (None, None)]:
         checkpoints = steps_saved(out)
         resumed_from = checkpoints[-1] if checkpoints else 0
+        before = logged_steps(out)  # a killed run may have logged a step it did not save: wait for this run's own
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if kill == kills:
+        if signum is None:
             assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
             break
         deadline = time.time() + 120
-        while not [s for s in logged_steps(out) if s > resumed_from] and proc.poll() is None:
+        while not ((steps := logged_steps(out)) != before and steps and steps[-1] > resumed_from) \
+                and proc.poll() is None:
             assert time.time() < deadline, "the run made no progress"
             time.sleep(0.01)
-        aim = rng.choice(["mid-step", "mid-save"])
         if aim == "mid-step":
             time.sleep(rng.uniform(0, 0.3))
         else:
@@ -313,37 +346,47 @@ def kill_and_resume(cfg_path, out, signum, rng, kills):
         assert status == EXIT_STATUS[signum], proc.stderr.read()[-3000:]
         left = staged_files(out)
         resumable = steps_saved(out)[-1] if steps_saved(out) else 0
-        records.append((aim, logged_steps(out)[-1], resumable, left))
+        records.append((logged_steps(out)[-1], resumable, left))
     return records
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(synth, tmp_path_factory):
-    """The tiny config's runs, never interrupted, per seed: (config file, run directory)."""
-    runs = {}
+    """The tiny config's runs, never interrupted, per seed (side by side, one thread each): (config file, run
+    directory)."""
+    runs, procs = {}, []
     for seed in (0, 1):
         folder = tmp_path_factory.mktemp(f"uninterrupted{seed}")
         cfg = tiny_config(synth, max_steps=KILL_STEPS, ckpt_every=1, log_every=1, keep_last=2, seed=seed)
         (folder / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-        subprocess.run([sys.executable, "train_xmdpt.py", "--config", str(folder / "cfg.yaml"), "--out",
-                        str(folder / "run")], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
-                       check=True, capture_output=True)
+        procs.append(subprocess.Popen([sys.executable, "train_xmdpt.py", "--config", str(folder / "cfg.yaml"),
+                                       "--out", str(folder / "run")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ONE_THREAD)))
         runs[seed] = folder / "cfg.yaml", folder / "run"
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
     return runs
 
 
+# Each signal kills a run once per seed, and between the two seeds both mid-step and mid-save.
+KILLS = {0: [(signal.SIGKILL, "mid-step"), (signal.SIGINT, "mid-save"), (signal.SIGTERM, "mid-step")],
+         1: [(signal.SIGKILL, "mid-save"), (signal.SIGINT, "mid-step"), (signal.SIGTERM, "mid-save")]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
-                         ids=["SIGKILL", "SIGINT", "SIGTERM"])
-def test_a_killed_run_resumed_ends_as_one_never_killed(uninterrupted, tmp_path, signum):
-    """A real training process (one thread), killed twice per run at random moments, mid-step and mid-save (a
-    checkpoint every step), for two seeds; resumed each time. At the end its model and EMA weights equal the
-    uninterrupted run's bit for bit, and so does every log row; no staged file is left, and every checkpoint on
-    disk loads. After SIGINT and SIGTERM no step is repeated: the checkpoint is the step that was running."""
-    report = []
-    for seed, (cfg_path, reference) in uninterrupted.items():
-        out = tmp_path / f"run{seed}"
-        records = kill_and_resume(cfg_path, out, signum, random.Random(seed + 10 * signum), kills=2)
+def test_a_killed_run_resumed_ends_as_one_never_killed(uninterrupted, tmp_path):
+    """Real training processes (one thread each; the two seeds' runs side by side, one a core), a checkpoint
+    every step, killed with SIGKILL, then SIGINT, then SIGTERM (KILLS: mid-step or mid-save), resumed each time.
+    At the end the model and EMA weights equal the uninterrupted run's bit for bit, and so does every log row;
+    no staged file is left, and every checkpoint on disk loads. After SIGINT and SIGTERM no step is repeated and
+    no staged file was left: the checkpoint is the step that was running."""
+    with ThreadPoolExecutor(len(KILLS)) as pool:
+        chains = {seed: pool.submit(kill_and_resume, uninterrupted[seed][0], tmp_path / f"run{seed}", kills,
+                                    random.Random(seed)) for seed, kills in KILLS.items()}
+        records = {seed: chain.result() for seed, chain in chains.items()}
+    for seed, kills in KILLS.items():
+        out, reference = tmp_path / f"run{seed}", uninterrupted[seed][1]
         final = f"checkpoints/{KILL_STEPS:07d}.pt"
         got, want = (torch.load(run / final, weights_only=True) for run in (out, reference))
         largest = max((got[part][k] - want[part][k]).abs().max().item() for part in ("model", "ema")
@@ -355,22 +398,21 @@ def test_a_killed_run_resumed_ends_as_one_never_killed(uninterrupted, tmp_path, 
         assert staged_files(out) == [] and not list(out.rglob("*.partial"))
         for step in steps_saved(out):
             assert load_checkpoint(out / "checkpoints" / f"{step:07d}.pt") is not None
-        repeated = [logged - resumable for _, logged, resumable, _ in records]
-        if signum != signal.SIGKILL:
-            assert repeated == [0] * len(records) and all(not left for *_, left in records)
-        report.append((seed, records, repeated, largest))
-    print(f"\n{signal.Signals(signum).name}: " + "; ".join(
-        f"seed {seed}: kills {[aim for aim, *_ in records]}, staged files left by the kill "
-        f"{sum(bool(left) for *_, left in records)}, steps repeated {repeated}, largest weight difference {largest}"
-        for seed, records, repeated, largest in report))
+        repeated = [logged - resumable for logged, resumable, _ in records[seed]]
+        for (signum, _), (_, _, left), steps in zip(kills, records[seed], repeated):
+            if signum != signal.SIGKILL:
+                assert steps == 0 and not left, signal.Signals(signum).name
+        print(f"\nseed {seed}: kills {[(signal.Signals(s).name, aim) for s, aim in kills]}, staged files left by "
+              f"each {[bool(left) for *_, left in records[seed]]}, steps repeated {repeated}, largest weight "
+              f"difference {largest}")
 
 
 def test_checkpoints_kept_are_the_newest_and_the_milestones(synth, tmp_path):
-    """train.keep_last=2, train.keep_every=20, a checkpoint every 5 steps for 60 steps: 20, 40, 55 and 60 are
+    """train.keep_last=2, train.keep_every=8, a checkpoint every 2 steps for 20 steps: 8, 16, 18 and 20 are
     left; each loads."""
-    cfg = tiny_config(synth, max_steps=60, ckpt_every=5, log_every=60, keep_last=2, keep_every=20)
+    cfg = tiny_config(synth, max_steps=20, ckpt_every=2, log_every=20, keep_last=2, keep_every=8)
     train_xmdpt.train(cfg, tmp_path)
-    assert steps_saved(tmp_path) == [20, 40, 55, 60]
+    assert steps_saved(tmp_path) == [8, 16, 18, 20]
     for step in steps_saved(tmp_path):
         assert load_checkpoint(tmp_path / "checkpoints" / f"{step:07d}.pt").config == model_config(cfg)
 
@@ -433,10 +475,15 @@ def test_clear_errors_before_training(synth, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["X-MDPT", "distillation"])
+@pytest.mark.parametrize("objective", ["X-MDPT", "distillation", "DMD2"])
 def test_two_processes_with_gloo(synth, tiny_teacher, tmp_path, objective):
-    cfg = tiny_config(synth, max_steps=3, ckpt_every=3, log_every=1) if objective == "X-MDPT" else \
-        distill_config(synth, tiny_teacher, max_steps=3, ckpt_every=3, log_every=1)
+    """Each objective on two processes; DMD2's student learns at steps 1 and 3 only (ratio 2), which
+    DistributedDataParallel must be told of."""
+    make = {"X-MDPT": tiny_config, "distillation": partial(distill_config, teacher=tiny_teacher),
+            "DMD2": partial(dmd2_config, teacher=tiny_teacher)}[objective]
+    cfg = make(synth, max_steps=3, ckpt_every=3, log_every=1)
+    if objective == "DMD2":
+        cfg["distill"]["ratio"] = 2
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -504,20 +551,79 @@ def test_distillation_is_a_run_like_any_other(synth, tiny_teacher, tmp_path):
     assert all(torch.equal(p, teacher.state_dict()[k]) for k, p in first.state_dict().items())
 
 
+def objective_state(run, step):
+    """The fake score, head, optimizer and update count a DMD2 checkpoint holds."""
+    return torch.load(Path(run) / "checkpoints" / f"{step:07d}.pt", weights_only=True)["objective"]
+
+
+def test_dmd2_is_a_run_like_any_other(synth, tiny_teacher, tmp_path):
+    """configs/dmd2_demo.yaml's objective in the same loop (ratio 3: the student learns at steps 1 and 4): the
+    log's columns are its terms, the student's left empty at the steps it does not learn, and a run stopped at
+    step 2 and resumed ends as the run of 5 steps does, bit for bit: student, EMA, fake score, head, their
+    optimizer and the count of their updates, and the log."""
+    cfg = dmd2_config(synth, tiny_teacher, max_steps=5, ckpt_every=2, log_every=1)
+    cfg["distill"]["ratio"] = 3
+    model, ema = train_xmdpt.train(cfg, tmp_path / "full")
+    rows = read_log(tmp_path / "full")
+    assert list(rows[0]) == ["step", "total", "dm", "gan", "fake", "head", "lr", "steps_per_s"]
+    assert [bool(r["dm"]) and bool(r["gan"]) for r in rows] == [True, False, False, True, False]
+    assert all(r["fake"] and r["head"] for r in rows)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "0000002.pt", tmp_path / "resumed" / "checkpoints")
+    shutil.copy(tmp_path / "full" / "log.csv", tmp_path / "resumed")
+    resumed, resumed_ema = train_xmdpt.train(cfg, tmp_path / "resumed", resume=True)
+    for a, b in ((model, resumed), (ema, resumed_ema)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    full, again = objective_state(tmp_path / "full", 5), objective_state(tmp_path / "resumed", 5)
+    assert full["updates"] == again["updates"] == 5
+    for part in ("fake_score", "head"):
+        assert all(torch.equal(full[part][k], again[part][k]) for k in full[part])
+    assert str(full["optimizer"]) == str(again["optimizer"])
+    strip = lambda log: [{k: v for k, v in r.items() if k != "steps_per_s"} for r in log]
+    assert strip(read_log(tmp_path / "resumed")) == strip(rows)
+
+
+def test_dmd2_starts_the_student_from_its_checkpoint_and_the_fake_score_from_the_teacher(synth, tiny_teacher,
+                                                                                        tmp_path):
+    """distill.student (a consistency student, say) is where the student starts; without, the teacher's weights;
+    the fake score always starts as the teacher, which stays frozen."""
+    from training.recipes import build_objective
+    cfg = dmd2_config(synth, tiny_teacher)
+    torch.manual_seed(3)
+    student = XMDPT(model_config(cfg))
+    for p in student.parameters():
+        p.data.normal_(0, 0.05)
+    export(student, tmp_path / "student")
+    teacher = load_checkpoint(tiny_teacher).state_dict()
+    for start, expected in ((tmp_path / "student", student.state_dict()), (None, teacher)):
+        model = XMDPT(model_config(cfg))
+        objective = build_objective(dmd2_config(synth, tiny_teacher, start), model, XMDPT(model.config))
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+        assert all(torch.equal(v, teacher[k]) for k, v in objective.fake_score.state_dict().items())
+        assert not any(p.requires_grad for p in objective.teacher.parameters())
+
+
 def test_a_distillation_config_must_describe_a_consistency_student(synth, tiny_teacher, tmp_path):
     for override, message in [("model.consistency=false", "set model.consistency: true and model.mipnet: none"),
                               ("model.mipnet=self-cross", "set model.consistency: true and model.mipnet: none"),
                               ("distill.loss=l1", "distill.loss must be one of huber, l2"),
                               ("distill.weighting=snr", "distill.weighting must be one of uniform, ict"),
-                              ("distill.teachr=x", "unknown key 'teachr' in section 'distill'")]:
+                              ("distill.teachr=x", "unknown key 'teachr' in section 'distill'"),
+                              ("distill.method=gan", "distill.method must be one of consistency, dmd2, got 'gan'")]:
         with pytest.raises(InputError, match=message):
             load_config(ROOT / "configs/distill_demo.yaml", [override])
     with pytest.raises(InputError, match="model.consistency: true needs a distill section"):
         load_config(ROOT / "configs/demo.yaml", ["model.consistency=true"])
     misspelt = tmp_path / "misspelt.yaml"
     misspelt.write_text(f"base: {ROOT / 'configs/distill_demo.yaml'}\ndistill:\n  teachr: x\n")
-    with pytest.raises(InputError, match="unknown keys in section 'distill': teachr"):
+    with pytest.raises(InputError, match="unknown keys in section 'distill' for method consistency: teachr"):
         load_config(misspelt)
+    bare = tmp_path / "bare.yaml"  # a dmd2 section needs its method's keys
+    bare.write_text(f"base: {ROOT / 'configs/demo.yaml'}\nmodel: {{mipnet: none, consistency: true}}\n"
+                    f"distill: {{method: dmd2, teacher: x, cfg_scale: 2.0, scale_pow: 0.01}}\n")
+    with pytest.raises(InputError, match="missing keys in section 'distill': fake_lr, gan_weight, head_weight, "
+                                         "ratio, student"):
+        load_config(bare)
     other = distill_config(synth, tiny_teacher, max_steps=1)
     other["model"]["hidden_size"] = 64
     with pytest.raises(InputError, match=r"(?s)distill.teacher .*teacher does not fit the student .*hidden_size: 32 "
@@ -526,10 +632,10 @@ def test_a_distillation_config_must_describe_a_consistency_student(synth, tiny_t
 
 
 @pytest.mark.slow
-def test_the_distillation_loss_falls_on_the_demo_set(synth, tmp_path):
-    """configs/distill_demo.yaml as it is, distilling the bundled demo model on the synthetic set: after 40
-    steps the loss is well below that of the first steps."""
-    cfg = load_config(ROOT / "configs/distill_demo.yaml", [f"data.root={synth}", "data.cache=null",
+def test_the_distillation_loss_falls_on_the_demo_set(synth, demo_cache, tmp_path):
+    """configs/distill_demo.yaml as it is, distilling the bundled demo model on the synthetic set (its feature
+    cache): after 40 steps the loss is well below that of the first steps."""
+    cfg = load_config(ROOT / "configs/distill_demo.yaml", [f"data.root={synth}", f"data.cache={demo_cache}",
                                                           "train.sample_every=0", f"distill.teacher={DEMO_TEACHER}"])
     cfg["train"].update(max_steps=40, log_every=1, ckpt_every=40)
     train_xmdpt.train(cfg, tmp_path)
@@ -548,11 +654,11 @@ def test_run_train_sh_trains_as_a_user_types_it(synth, tmp_path):
     assert ckpt["run_config"]["train"]["lr"] == 5e-4 and ckpt["opt"]["param_groups"][0]["lr"] == 5e-4
 
 
-@pytest.mark.parametrize("case", ["no dataset", "no weights", "bad override"])
-def test_run_train_sh_reports_user_errors_in_one_line(synth, tmp_path, case):
+def test_run_train_sh_reports_user_errors_in_one_line(synth, tmp_path):
     """`bash run_train.sh` (the paper's recipe) on a machine without DeepFashion, without the weights, or with a
-    mistyped override: one line that names the file (and the command that makes it) or the key, exit status 2."""
-    argv, message = {
+    mistyped override (the three side by side): one line that names the file (and the command that makes it) or
+    the key, exit status 2."""
+    cases = {
         "no dataset": ([f"data.root={tmp_path}/deepfashion"],
                        rf"pair file not found: {tmp_path}/deepfashion/train_pairs.txt\. .*python -m "
                        rf"scripts.prepare_deepfashion --root {tmp_path}/deepfashion"),
@@ -560,11 +666,15 @@ def test_run_train_sh_reports_user_errors_in_one_line(synth, tmp_path, case):
                        rf"DINOv2 vitb14 weights not found: {tmp_path}/vitb14.pth\. Get the original checkpoint from "
                        r"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
         "bad override": (["train.lrr=1e-4"], r"override 'train.lrr=1e-4': unknown key 'lrr' in section 'train'"),
-    }[case]
-    result = subprocess.run(["bash", "run_train.sh", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, OUT=str(tmp_path / "run"), OMP_NUM_THREADS="1"))
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert re.fullmatch(rf"train_xmdpt.py: error: {message}.*\n", result.stderr), result.stderr
+    }
+    runs = {case: subprocess.Popen(["bash", "run_train.sh", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, OUT=str(tmp_path / case), **ONE_THREAD))
+            for case, (argv, _) in cases.items()}
+    for case, (_, message) in cases.items():
+        _, err = runs[case].communicate(timeout=120)
+        assert runs[case].returncode == 2, (case, err[-2000:])
+        assert re.fullmatch(rf"train_xmdpt.py: error: {message}.*\n", err), (case, err)
 
 
 def test_overrides_read_exponents_as_floats(tmp_path):

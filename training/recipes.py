@@ -1,14 +1,19 @@
 """A config's recipe: the objective a run trains with, and the weights its model starts from.
 
-Without a `distill` section it is X-MDPT's loss on a freshly initialised model. With one, the model is a student
-distilled from `distill.teacher` (any checkpoint the loader reads), and starts from the teacher's weights
-(MIPNet, which only trains the teacher, left out): consistency distillation (models/consistency.py).
+Without a `distill` section it is X-MDPT's loss on a freshly initialised model. With one, the model is a few-step
+student distilled from `distill.teacher` (any checkpoint the loader reads; MIPNet, which only trains the teacher,
+left out), by `distill.method`:
+- consistency (models/consistency.py): the student starts from the teacher's weights;
+- dmd2 (models/dmd2.py): the student starts from `distill.student` (a consistency student, say) or, when that is
+  null, from the teacher's weights; the fake score starts from the teacher's.
 """
 from dataclasses import replace
 
+from configs import distill_method
 from data.errors import InputError
 from models import XMDPT, Diffusion
 from models.consistency import ConsistencyDistillation
+from models.dmd2 import DMD2
 from models.objective import XMDPTLoss
 from models.weights import check_fits, read_checkpoint, strict_load
 
@@ -20,10 +25,24 @@ def build_objective(cfg, model, ema):
     if distill is None:
         return XMDPTLoss(model, Diffusion())
     teacher = teacher_of(distill["teacher"], model)
-    model.load_state_dict(teacher.state_dict())
-    return ConsistencyDistillation(model, ema, teacher, Diffusion(), distill["cfg_scale"], distill["scale_pow"],
-                                   distill["loss"], distill["huber_c"], distill["weighting"],
-                                   cfg["sample"]["clip_denoised"])
+    guidance = distill["cfg_scale"], distill["scale_pow"]
+    clip_denoised = cfg["sample"]["clip_denoised"]
+    if distill_method(cfg) == "consistency":
+        model.load_state_dict(teacher.state_dict())
+        return ConsistencyDistillation(model, ema, teacher, Diffusion(), *guidance, distill["loss"],
+                                       distill["huber_c"], distill["weighting"], clip_denoised)
+    if distill["student"] is None:
+        model.load_state_dict(teacher.state_dict())
+    else:
+        source = f"distill.student {distill['student']}"
+        start = read_checkpoint(distill["student"])
+        check_fits(start.config, model.config, source, "the student (the model section)")
+        strict_load(model, start.weights, source)
+    fake_score = XMDPT(teacher.config).to(next(model.parameters()).device)
+    fake_score.load_state_dict(teacher.state_dict())
+    return DMD2(model, teacher, fake_score, Diffusion(), cfg["sample"]["steps"], distill["ratio"], *guidance,
+                distill["fake_lr"], cfg["train"]["grad_clip"], distill["gan_weight"], distill["head_weight"],
+                clip_denoised)
 
 
 def teacher_of(path, student):
