@@ -38,9 +38,9 @@ DEMO_NOTE = ("This is the bundled demo model. It has only ever seen the small sy
 # The bundled models, when the app serves the demo: the demo model and its distilled student.
 DEMO_MODELS = {"demo (50 steps)": (DEMO_CONFIG, DEMO_CHECKPOINT), "fast (4 steps)": (FAST_DEMO_CONFIG,
                                                                                       FAST_DEMO_CHECKPOINT)}
-FAST_NOTE = ("**fast (4 steps)** is the demo model distilled into a consistency model: 4 network evaluations per "
-             "image instead of 100, so it samples far faster, at the price of a little detail (docs/demo.md "
-             "gives the measurements).")
+FAST_NOTE = ("**fast (4 steps)** is the demo model distilled into a 4-step student (consistency distillation, then "
+             "distribution matching): 4 network evaluations per image instead of 100, as sharp as the demo model "
+             "(docs/demo.md gives the measurements).")
 OWN = "its own"  # the sampler and steps of the chosen model: ddim and 50, or lcm and 4 for a consistency model
 
 
@@ -144,6 +144,9 @@ def build(pipes, demo=False):
     def selected(event: gr.SelectData):
         return event.index
 
+    def picked_example(event: gr.SelectData):
+        return str(EXAMPLES[event.index].with_suffix(".json"))
+
     with gr.Blocks(title="X-MDPT", analytics_enabled=False) as page:
         gr.Markdown(f"# X-MDPT: your photo, in a new pose\nModel: **{first.description}**." +
                     (f"\n\n{DEMO_NOTE}" if demo else "") + (f" {FAST_NOTE}" if len(pipes) > 1 else ""),
@@ -156,8 +159,9 @@ def build(pipes, demo=False):
                 source = gr.Image(type="numpy", sources=["upload"], format="png", label="Your photo (one person)",
                                   elem_id="source")
                 if demo and EXAMPLES:
-                    gr.Examples([[str(png), str(png.with_suffix(".json"))] for png in EXAMPLES], [source, example],
-                                label="Or an example: test sources of the demo set", elem_id="examples")
+                    shown = gr.Examples([[str(png)] for png in EXAMPLES], [source], elem_id="examples",
+                                        label="Or an example: test sources of the demo set")
+                    shown.dataset.select(picked_example, None, example)  # its keypoint file, not shown
             with gr.Column():
                 mode = gr.Radio(MODES, value="gallery", label="Target pose from", elem_id="mode")
                 gallery = gr.Gallery([(skeleton_view(pose_from_file(p)), p.stem) for p in GALLERY], label="Poses",

@@ -229,6 +229,27 @@ def test_the_page_turns_a_photo_into_a_person_in_a_pose(browser, served, photos,
 
 
 @pytest.mark.slow
+def test_an_example_clicked_on_the_page_is_generated_with_its_keypoints(app, demo_pipe, browser, served):
+    """Click an example photo (the page shows the picture, not its keypoint file's path), a gallery pose, Generate:
+    the image transfer() gives for that picture with its keypoint file; then All poses fills the gallery with one
+    tile per pose."""
+    page = open_page(browser, served)
+    assert ".json" not in page.locator("#examples").inner_text()
+    page.locator("#examples button").nth(1).click()
+    page.locator("#gallery button:has-text('03_front')").click()
+    page.click("#generate")
+    png = app.EXAMPLES[1]
+    *_, expected = app.transfer(demo_pipe, read_photo(png), "gallery", None, None, 2,
+                                example=str(png.with_suffix(".json")))
+    assert np.array_equal(shown_image(page, "generated"), expected)
+    page.click("#all-poses")
+    tiles = page.locator("#all-poses-gallery img")
+    tiles.nth(len(app.GALLERY) - 1).wait_for(timeout=180000)
+    assert tiles.count() == len(app.GALLERY)
+    page.close()
+
+
+@pytest.mark.slow
 def test_the_page_says_a_photo_shows_no_person(browser, served, photos):
     """A photo of a cup of coffee: the error appears on the page; the server keeps serving."""
     page = open_page(browser, served)
