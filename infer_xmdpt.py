@@ -40,7 +40,7 @@ from data.errors import reported
 from data.images import grid_row, save_png, to_tensor
 from data.photo import FRAMINGS, frame_photo, read_photo
 from devices import barrier, setup_distributed, teardown
-from inference.pairs import generate_pairs, mean_scores
+from inference.pairs import check_claim, claim, generate_pairs, made_by, mean_scores
 from inference.pipeline import SAMPLERS, Pipeline, add_model_arguments, model_files
 from inference.poses import contact_sheet, pose_files, pose_from_file, pose_from_photo, save_pose, unique_names
 
@@ -62,6 +62,9 @@ def own_photo(args, pipe, out, settings):
         targets = {path.stem: pose_from_file(path) for path in pose_files(args.target_pose)}
     names = {pose: f"{Path(args.source).stem}_2_{pose}.png" for pose in targets}
     todo = [pose for pose, name in names.items() if args.overwrite or not (out / "generated" / name).is_file()]
+    record = made_by(pipe, settings, seed=args.seed, framing=args.framing)
+    check_claim(out, record, len(todo) < len(targets), args.overwrite)
+    claim(out, record)
     if len(todo) < len(targets):
         print(f"{len(targets) - len(todo)} of {len(targets)} poses already generated in {out}; skipping them "
               f"(--overwrite regenerates)")
@@ -112,7 +115,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--data", help="dataset root in the DeepFashion layout (default: the config's data.root)")
-    p.add_argument("--out", default="outputs/demo", help="output directory")
+    p.add_argument("--out", help="output directory (default: outputs/demo, or outputs/demo_fast with --fast)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs generated together")
     p.add_argument("--steps", type=int,
                    help="sampling steps (default: the config's sample.steps: 50, or 4 for the fast demo model)")
@@ -150,6 +153,7 @@ def parse_args(argv=None):
     if (args.target_pose or args.target_pose_from) and not args.source:
         p.error("--target-pose/--target-pose-from need --source")
     args.config, args.ckpt = model_files(p, args)
+    args.out = args.out or ("outputs/demo_fast" if args.fast else "outputs/demo")
     return args
 
 

@@ -6,8 +6,11 @@ Each pair is written as <out>/generated/{name}.png, with its ground truth <out>/
 (data/sampler.py), so an image depends on neither the batch size nor the order of generation.
 
 Pairs are generated grouped by their source photo, and each photo's share of the encoding (DINOv2-G and the VAE
-encoder, `Pipeline.encode_sources`) is done once for all of its pairs.
+encoder, `Pipeline.encode_sources`) is done once for all of its pairs. <out>/made_by.json records the model, the
+sampling settings and the seed, so that a resumed run adds only images made the same way (`claim`).
 """
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +20,48 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from data.deepfashion import PairDataset
+from data.errors import InputError
+from data.files import atomic_path
 from data.images import grid_row, save_png
 from data.sampler import item_seed
 
 KINDS = ("generated", "target", "source")
+MADE_BY = "made_by.json"
+
+
+def made_by(pipe, settings, **more):
+    """What makes a folder's images, as `claim` records it: the model, the sampling settings, the seed, `more`."""
+    return dict(model=pipe.description, sampling=asdict(settings), **more)
+
+
+def check_claim(out, record, finished, overwrite):
+    """Refuse to add images to `out` made otherwise than those already `finished` there (an InputError naming the
+    record and what differs; `overwrite` regenerates them instead). Images without a record are taken as they are."""
+    path = Path(out) / MADE_BY
+    if not finished or overwrite or not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is unreadable ({e}); delete it, or pass --overwrite") from None
+    before, record = flat(before), flat(json.loads(json.dumps(record)))  # the record as the file would hold it
+    differ = [f"{k} {before.get(k)} -> {record.get(k)}" for k in sorted(set(before) | set(record))
+              if before.get(k) != record.get(k)]
+    if differ:
+        raise InputError(f"{out} holds images made otherwise ({path}: {'; '.join(differ)}); pass --overwrite to "
+                         f"replace them, or another --out")
+
+
+def flat(record):
+    """{"sampling": {"steps": 50}} -> {"sampling.steps": 50}."""
+    return {f"{k}.{sub}" if isinstance(v, dict) else k: w for k, v in record.items()
+            for sub, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
+def claim(out, record):
+    """Write `record` (see `made_by`) as <out>/made_by.json."""
+    with atomic_path(Path(out) / MADE_BY) as staged:
+        staged.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def by_source(pairs, count):
@@ -49,8 +90,12 @@ def generate_pairs(pipe, data_root, out, *, settings=None, batch_size=16, seed=0
     count = len(pairs) if limit is None else min(limit, len(pairs))
     names = [pairs.pair_name(i) for i in range(count)]
     done = {i for i, name in enumerate(names) if all((out / kind / f"{name}.png").is_file() for kind in KINDS)}
+    record = made_by(pipe, settings or pipe.settings(), seed=seed)
+    check_claim(out, record, done, overwrite)
     if barrier is not None:
         barrier()
+    if rank == 0:
+        claim(out, record)
     if done and not overwrite and rank == 0:
         print(f"{len(done)} of {count} pairs already generated in {out}; skipping them (--overwrite regenerates)")
     groups = list(by_source(pairs, count).values())

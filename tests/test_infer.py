@@ -1,4 +1,5 @@
 """Inference: test pairs with matching names, resumable output, own photos, clear errors, and the demo."""
+import json
 import math
 import os
 import re
@@ -166,6 +167,25 @@ def test_pairs_have_matching_names_and_resume(setup, tmp_path):
     assert (tmp_path / "generated" / names[0]).stat().st_mtime_ns == stamp
     run(setup, tmp_path, "--limit", "3", "--overwrite")
     assert (tmp_path / "generated" / names[0]).stat().st_mtime_ns != stamp
+
+
+def test_a_folder_takes_no_images_made_otherwise(setup, tmp_path, capsys):
+    """<out>/made_by.json records the model, the sampling and the seed: resuming with other steps or another seed
+    stops in one line that names the record and what differs, every image kept; the same settings resume;
+    --overwrite regenerates and records the new settings. Without --out, --fast writes a folder of its own."""
+    out = tmp_path / "pairs"
+    run(setup, out, "--limit", "2")
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    for argv, differ in ((["--steps", "3"], "sampling.steps 2 -> 3"), (["--seed", "1"], "seed 0 -> 1")):
+        err = fails(setup, capsys, out, "--limit", "3", *argv)
+        assert f"{out} holds images made otherwise ({out / 'made_by.json'}: {differ}); pass --overwrite" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == kept
+    run(setup, out, "--limit", "3")
+    assert len(list((out / "generated").iterdir())) == 3
+    run(setup, out, "--limit", "3", "--steps", "3", "--overwrite")
+    assert json.loads((out / "made_by.json").read_text())["sampling"]["steps"] == 3
+    assert infer_xmdpt.parse_args(["--fast"]).out == "outputs/demo_fast" and infer_xmdpt.parse_args([]).out == \
+        "outputs/demo"
 
 
 def test_an_interrupted_write_leaves_no_image_that_resume_would_take_as_done(setup, tmp_path, monkeypatch):
@@ -510,6 +530,11 @@ def test_one_photo_in_many_poses(setup, photos, mediapipe, tmp_path, capsys):
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in generated.iterdir()}
     assert after["astronaut_2_pose1.png"][1] == before["astronaut_2_pose1.png"][1]
     assert all(after[n] == before[n] for n in before if n != "astronaut_2_pose1.png")
+    (generated / "astronaut_2_pose1.png").unlink()  # another seed must not fill the gap
+    err = fails(setup, capsys, tmp_path / "out", "--source", str(photos / "astronaut.png"), "--target-pose",
+                str(tmp_path / "poses"), "--seed", "5")
+    assert "holds images made otherwise" in err and "seed 4 -> 5" in err, err
+    assert not (generated / "astronaut_2_pose1.png").exists()
 
 
 def test_bad_poses_end_in_one_line_and_keep_the_images_written(setup, photos, mediapipe, tmp_path, capsys):
