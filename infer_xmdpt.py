@@ -63,8 +63,7 @@ def own_photo(args, pipe, out, settings):
     names = {pose: f"{Path(args.source).stem}_2_{pose}.png" for pose in targets}
     todo = [pose for pose, name in names.items() if args.overwrite or not (out / "generated" / name).is_file()]
     record = made_by(pipe, settings, seed=args.seed, framing=args.framing)
-    check_claim(out, record, len(todo) < len(targets), args.overwrite)
-    claim(out, record)
+    claim(out, record, check_claim(out, record, list(names.values()), args.overwrite))
     if len(todo) < len(targets):
         print(f"{len(targets) - len(todo)} of {len(targets)} poses already generated in {out}; skipping them "
               f"(--overwrite regenerates)")
@@ -115,7 +114,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     p.add_argument("--data", help="dataset root in the DeepFashion layout (default: the config's data.root)")
-    p.add_argument("--out", help="output directory (default: outputs/demo, or outputs/demo_fast with --fast)")
+    p.add_argument("--out", help="output directory (default: outputs/demo for test pairs, outputs/photos with "
+                                 "--source; outputs/demo_fast and outputs/photos_fast with --fast)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs generated together")
     p.add_argument("--steps", type=int,
                    help="sampling steps (default: the config's sample.steps: 50, or 4 for the fast demo model)")
@@ -153,7 +153,7 @@ def parse_args(argv=None):
     if (args.target_pose or args.target_pose_from) and not args.source:
         p.error("--target-pose/--target-pose-from need --source")
     args.config, args.ckpt = model_files(p, args)
-    args.out = args.out or ("outputs/demo_fast" if args.fast else "outputs/demo")
+    args.out = args.out or ("outputs/photos" if args.source else "outputs/demo") + ("_fast" if args.fast else "")
     return args
 
 

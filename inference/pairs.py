@@ -30,26 +30,36 @@ MADE_BY = "made_by.json"
 
 
 def made_by(pipe, settings, **more):
-    """What makes a folder's images, as `claim` records it: the model, the sampling settings, the seed, `more`."""
-    return dict(model=pipe.description, sampling=asdict(settings), **more)
+    """What makes a folder's images, as `claim` records it: the model and its weights, the sampling settings, the
+    seed, `more`."""
+    return dict(model=pipe.description, checkpoint=pipe.checkpoint, sampling=asdict(settings), **more)
 
 
-def check_claim(out, record, finished, overwrite):
-    """Refuse to add images to `out` made otherwise than those already `finished` there (an InputError naming the
-    record and what differs; `overwrite` regenerates them instead). Images without a record are taken as they are."""
-    path = Path(out) / MADE_BY
-    if not finished or overwrite or not path.is_file():
-        return
+def check_claim(out, record, names, overwrite):
+    """A folder holds the images of one making. With images in <out>/generated made otherwise than `record` says
+    (its made_by.json differs), an InputError naming the record and what differs, unless `overwrite` and this run
+    writes every one of them again (`names`, file names): then returns them, for `claim` to delete first, so that
+    an interrupted run leaves none of the old making under the new record. Images without a record are taken as
+    they are."""
+    path, folder = Path(out) / MADE_BY, Path(out) / "generated"
+    made = sorted(p.name for p in folder.glob("*.png")) if folder.is_dir() else []
+    if not made or not path.is_file():
+        return []
     try:
-        before = json.loads(path.read_text())
+        before = flat(json.loads(path.read_text()))
     except (OSError, ValueError) as e:
-        raise InputError(f"{path} is unreadable ({e}); delete it, or pass --overwrite") from None
-    before, record = flat(before), flat(json.loads(json.dumps(record)))  # the record as the file would hold it
+        raise InputError(f"{path} is unreadable ({e}); delete it, or pass another --out") from None
+    record = flat(json.loads(json.dumps(record)))  # as the file would hold it
     differ = [f"{k} {before.get(k)} -> {record.get(k)}" for k in sorted(set(before) | set(record))
               if before.get(k) != record.get(k)]
-    if differ:
-        raise InputError(f"{out} holds images made otherwise ({path}: {'; '.join(differ)}); pass --overwrite to "
-                         f"replace them, or another --out")
+    if not differ:
+        return []
+    left = set(made) - set(names)
+    if overwrite and not left:
+        return made
+    advice = (f"--overwrite would leave {len(left)} of them, which this run does not make: use another --out"
+              if overwrite else "pass --overwrite to replace them, or another --out")
+    raise InputError(f"{out} holds images made otherwise ({path}: {'; '.join(differ)}); {advice}")
 
 
 def flat(record):
@@ -58,8 +68,12 @@ def flat(record):
             for sub, w in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
-def claim(out, record):
-    """Write `record` (see `made_by`) as <out>/made_by.json."""
+def claim(out, record, stale=()):
+    """Delete the `stale` images (`check_claim`'s; each generated image and its grid), then write `record` (see
+    `made_by`) as <out>/made_by.json."""
+    for name in stale:
+        for kind in ("generated", "grids"):
+            (Path(out) / kind / name).unlink(missing_ok=True)
     with atomic_path(Path(out) / MADE_BY) as staged:
         staged.write_text(json.dumps(record, indent=1) + "\n")
 
@@ -91,11 +105,11 @@ def generate_pairs(pipe, data_root, out, *, settings=None, batch_size=16, seed=0
     names = [pairs.pair_name(i) for i in range(count)]
     done = {i for i, name in enumerate(names) if all((out / kind / f"{name}.png").is_file() for kind in KINDS)}
     record = made_by(pipe, settings or pipe.settings(), seed=seed)
-    check_claim(out, record, done, overwrite)
+    stale = check_claim(out, record, [f"{name}.png" for name in names], overwrite)
+    if rank == 0:
+        claim(out, record, stale)
     if barrier is not None:
         barrier()
-    if rank == 0:
-        claim(out, record)
     if done and not overwrite and rank == 0:
         print(f"{len(done)} of {count} pairs already generated in {out}; skipping them (--overwrite regenerates)")
     groups = list(by_source(pairs, count).values())

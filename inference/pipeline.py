@@ -111,8 +111,10 @@ class Pipeline:
     """model: an XMDPT; encoders: models.encoders.Encoders; size: the image side S; sample: the defaults of
     the sampling settings (the config's `sample` section: steps, cfg_scale, scale_pow, clip_denoised)."""
 
-    def __init__(self, model, encoders, size, sample, device="cpu", description="X-MDPT", compile=False):
+    def __init__(self, model, encoders, size, sample, device="cpu", description="X-MDPT", compile=False,
+                 checkpoint=None):
         self.device = torch.device(device)
+        self.checkpoint = checkpoint  # the weights' file or folder, as a full path, when they came from one
         self.model, self.encoders = model.to(self.device).eval(), encoders.to(self.device)
         if compile:
             self.model.compile_denoiser()
@@ -131,7 +133,8 @@ class Pipeline:
         model = strict_load(XMDPT(ckpt.config), ckpt.weights, f"--ckpt {checkpoint}")
         encoders = encoders or build_encoders(cfg["encoders"], device)
         description = f"{cfg['model']['preset']} ({Path(str(checkpoint)).name}, {cfg['data']['size']}px)"
-        return cls(model, encoders, cfg["data"]["size"], cfg["sample"], device, description, compile)
+        return cls(model, encoders, cfg["data"]["size"], cfg["sample"], device, description, compile,
+                   str(Path(str(checkpoint)).resolve()))
 
     def skeletons(self, keypoints):
         """Keypoints (N, 18, 2) in the DeepFashion convention (data.pose) -> skeletons (N, 3, S, S) in [0, 1]."""

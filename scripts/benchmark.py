@@ -277,12 +277,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up; the median is shown")
     p.set_defaults(fn=bench_sampling)
 
-    def measured(name, help, fn, repeats):
+    def measured(name, help, fn, repeats=None):
         p = sub.add_parser(name, help=help)
         p.add_argument("--models", nargs="+", default=["XMDPT-S/2", "XMDPT-B/2", "XMDPT-L/2"],
                        choices=sorted(XMDPT_CONFIGS), help="model sizes")
         p.add_argument("--device", default=str(default_device()), help="torch device")
-        p.add_argument("--repeats", type=int, default=repeats, help="timed runs after one warm-up; the median is shown")
+        if repeats is not None:
+            p.add_argument("--repeats", type=int, default=repeats,
+                           help="timed runs after one warm-up; the median is shown")
         p.set_defaults(fn=fn)
         return p
 
@@ -295,7 +297,7 @@ def main(argv=None):
     p.set_defaults(fn=bench_demo)
 
     p = measured("infer", "the work and time of each inference stage; one photo in N poses, with and without "
-                          "encoding the photo once", bench_infer, 1)
+                          "encoding the photo once", bench_infer)
     p.add_argument("--poses", type=int, default=8, help="poses of the one photo, generated as one batch")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of the diffusion model")
     p.add_argument("--student-steps", type=int, default=4, help="steps of the few-step student")

@@ -3,7 +3,8 @@
   python -m scripts.compare_samplers                                   # the demo model and its 4-step student
   python -m scripts.compare_samplers --curve "consistency 500=runs/distill_demo/student" ...
   python -m scripts.compare_samplers --config configs/xmdpt_s.yaml --ckpt weights/xmdpt_s_ema_0.9999_300000.pt \\
-      --student-config configs/dmd2_s.yaml --student-ckpt runs/dmd2_s/export --data datasets/deepfashion
+      --student-config configs/dmd2_s.yaml --student-ckpt runs/dmd2_s/export --data datasets/deepfashion \\
+      --limit 1000
 
 Rows: the teacher with DDIM and DPM-Solver++ at several step counts, the student at 1-8 steps, and other students
 of the student's architecture (--curve NAME=CHECKPOINT: a distillation's checkpoints, say) at --curve-steps.
@@ -29,7 +30,9 @@ from tqdm.auto import tqdm
 
 from configs import load_config
 from data.deepfashion import PairDataset
-from data.images import grid_row, to_uint8
+from data.errors import reported
+from data.files import atomic_path
+from data.images import grid_row, save_png, to_uint8
 from data.sampler import item_seed
 from devices import default_device
 from eval.metrics import INCEPTION_FILE, InceptionFeatures, build_inception, fid_input, kid, psnr, ssim, swd
@@ -76,9 +79,15 @@ def scores(images, targets, reference, inception=None, target_features=None, siz
               "sharpness": np.mean([sharpness(g) for g in images]),
               "SWD": swd(np.stack(targets), np.stack(images))["mean"]}
     if inception is not None:
-        features = inception(torch.stack([fid_input(g, size) for g in images])).double().numpy()
-        result["KID"] = kid(target_features, features)[0]
+        result["KID"] = kid(target_features, inception_of(inception, images, size))[0]
     return result
+
+
+def inception_of(inception, images, size, batch_size=64):
+    """Inception features (N, D), float64, of uint8 images, in batches on the network's device."""
+    device = inception.scale.device
+    return torch.cat([inception(torch.stack([fid_input(g, size) for g in images[i:i + batch_size]]).to(device)).cpu()
+                      for i in range(0, len(images), batch_size)]).double().numpy()
 
 
 def cell(values, digits):
@@ -122,7 +131,7 @@ def plane(table, targets_sharpness, path):
     ax.set_title("Samplers on the SSIM-sharpness plane (numbers: steps, or training steps of a series)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -137,7 +146,8 @@ def parse_args(argv=None):
                         "checkpoints, exported with scripts.export_weights)")
     p.add_argument("--curve-steps", type=int, default=4, help="the sampling steps of the --curve students")
     p.add_argument("--data", help="dataset root (default: the teacher config's data.root)")
-    p.add_argument("--limit", type=int, help="only the first N test pairs (default: all)")
+    p.add_argument("--limit", type=int, help="only the first N test pairs (default: all; every row's images are held "
+                                             "in memory, so on DeepFashion take a thousand or so)")
     p.add_argument("--batch-size", type=int, default=16, help="pairs sampled together")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="seeds of the noise (pair i: item_seed(seed, i)); every figure is their mean")
@@ -153,11 +163,14 @@ def parse_args(argv=None):
     p.add_argument("--out", default="outputs/samplers", help="folder of samplers.md, samplers.png and plane.png")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--compile", action="store_true", help="compile the denoisers with torch.compile")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     args = p.parse_args(argv)
     curve = [item.partition("=") for item in args.curve]
     if any(not name or not sep or not ckpt for name, sep, ckpt in curve):
         p.error("--curve takes NAME=CHECKPOINT items")
     args.curve = {name: ckpt for name, _, ckpt in curve}
+    if len(args.curve) < len(curve) or {"teacher", "student"} & set(args.curve):
+        p.error("--curve names must differ from each other and from 'teacher' and 'student'")
     measured = ([f"teacher ddim {n}" for n in args.ddim] + [f"teacher dpm++ {n}" for n in args.dpm]
                 + [f"student lcm {n}" for n in args.student]
                 + [f"{name} lcm {args.curve_steps}" for name in args.curve])
@@ -168,16 +181,22 @@ def parse_args(argv=None):
     return args
 
 
-def inception_features(args):
+def inception_features(args, device):
     """The KID network when its weights are there (--inception, or $TORCH_HOME's file), else None."""
     path = Path(args.inception) if args.inception else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if args.inception and not path.is_file():
         raise SystemExit(f"compare_samplers: --inception {path}: no such file")
-    return InceptionFeatures(build_inception(path)) if path.is_file() else None
+    return InceptionFeatures(build_inception(path)).to(device) if path.is_file() else None
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with reported("compare_samplers", args.debug):
+        compare(args)
+
+
+def compare(args):
+    """The table, the grid and the plane, as `args` say."""
     device = torch.device(args.device) if args.device else default_device()
     cfg = load_config(args.config)
     teacher = Pipeline.from_config(cfg, args.ckpt, device, args.compile)
@@ -190,10 +209,9 @@ def main(argv=None):
     rows = ([("teacher", teacher, "ddim", n) for n in args.ddim] + [("teacher", teacher, "dpm++", n) for n in args.dpm]
             + [("student", students["student"], "lcm", n) for n in args.student]
             + [(name, students[name], "lcm", args.curve_steps) for name in args.curve])
-    inception = inception_features(args)
+    inception = inception_features(args, device)
     targets = [to_uint8(p["target"]) for p in pairs]
-    target_features = inception(torch.stack([fid_input(t, teacher.size) for t in targets])).double().numpy() \
-        if inception is not None else None
+    target_features = inception_of(inception, targets, teacher.size) if inception is not None else None
     table = {(who, sampler, steps): {} for who, _, sampler, steps in rows}
     shown = {}
     for seed in args.seeds:
@@ -222,13 +240,14 @@ def main(argv=None):
         lines.append(f"| {who} | {sampler} | {steps} | {evaluations} | "
                      + " | ".join(cell(figures[c], DIGITS[c]) for c in columns) + " |")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samplers.md").write_text("\n".join(lines) + "\n")
+    with atomic_path(out / "samplers.md") as staged:
+        staged.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     grid = torch.cat([grid_row(p["source"], p["target"], *(shown[name][i] for name in args.grid))
                       for i, p in enumerate(pairs[:args.grid_pairs])], dim=1)
-    cv2.imwrite(str(out / "samplers.png"), to_uint8(grid)[..., ::-1])
-    plane(table, targets_sharpness, out / "plane.png")
+    save_png(grid, out / "samplers.png")
+    with atomic_path(out / "plane.png") as staged:
+        plane(table, targets_sharpness, staged)
     print(f"wrote {out / 'samplers.md'}, {out / 'samplers.png'} (source | target | {' | '.join(args.grid)}) and "
           f"{out / 'plane.png'}")
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -170,22 +171,39 @@ def test_pairs_have_matching_names_and_resume(setup, tmp_path):
 
 
 def test_a_folder_takes_no_images_made_otherwise(setup, tmp_path, capsys):
-    """<out>/made_by.json records the model, the sampling and the seed: resuming with other steps or another seed
-    stops in one line that names the record and what differs, every image kept; the same settings resume;
-    --overwrite regenerates and records the new settings. Without --out, --fast writes a folder of its own."""
+    """<out>/made_by.json records the model, its weights, the sampling and the seed. Adding to a folder with images
+    made otherwise (other steps, another seed; another run's images count too, not only this run's pairs) stops in
+    one line that names the record and what differs, every image kept; the same settings resume. --overwrite with
+    other settings deletes the images it replaces before it writes any (an interrupted run leaves none of the old
+    making), and is refused where it would leave some. Without --out, --fast and own photos get folders of their
+    own."""
     out = tmp_path / "pairs"
     run(setup, out, "--limit", "2")
     kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
-    for argv, differ in ((["--steps", "3"], "sampling.steps 2 -> 3"), (["--seed", "1"], "seed 0 -> 1")):
-        err = fails(setup, capsys, out, "--limit", "3", *argv)
-        assert f"{out} holds images made otherwise ({out / 'made_by.json'}: {differ}); pass --overwrite" in err, err
+    for argv, differ in ((["--limit", "3", "--steps", "3"], "sampling.steps 2 -> 3"),
+                         (["--limit", "3", "--seed", "1"], "seed 0 -> 1"),
+                         (["--limit", "1", "--seed", "1", "--overwrite"], "seed 0 -> 1")):
+        err = fails(setup, capsys, out, *argv)
+        assert f"{out} holds images made otherwise ({out / 'made_by.json'}: {differ}); " in err, err
+        assert ("would leave 1 of them" in err) == ("--overwrite" in argv), err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == kept
     run(setup, out, "--limit", "3")
     assert len(list((out / "generated").iterdir())) == 3
-    run(setup, out, "--limit", "3", "--steps", "3", "--overwrite")
+    record = json.loads((out / "made_by.json").read_text())
+    assert record["checkpoint"] == str((setup[0] / "tiny").resolve()) and record["seed"] == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with patch.object(Pipeline, "sample", interrupted), pytest.raises(KeyboardInterrupt):
+        run(setup, out, "--limit", "3", "--steps", "3", "--overwrite")
+    assert not list((out / "generated").iterdir()) and not list((out / "grids").iterdir())
     assert json.loads((out / "made_by.json").read_text())["sampling"]["steps"] == 3
-    assert infer_xmdpt.parse_args(["--fast"]).out == "outputs/demo_fast" and infer_xmdpt.parse_args([]).out == \
-        "outputs/demo"
+    run(setup, out, "--limit", "3", "--steps", "3")
+    assert len(list((out / "generated").iterdir())) == 3
+    defaults = {(): "outputs/demo", ("--fast",): "outputs/demo_fast", ("--source", "me.jpg", "--target-pose", "p.json"):
+                "outputs/photos", ("--fast", "--source", "me.jpg", "--target-pose", "p.json"): "outputs/photos_fast"}
+    assert {argv: infer_xmdpt.parse_args(list(argv)).out for argv in defaults} == defaults
 
 
 def test_an_interrupted_write_leaves_no_image_that_resume_would_take_as_done(setup, tmp_path, monkeypatch):
