@@ -142,7 +142,8 @@ def build(pipes, demo=False):
         return [gr.update(visible=mode == m) for m in MODES]
 
     def selected(event: gr.SelectData):
-        return event.index
+        """A gallery pose chosen: its index, and its skeleton shown as the target pose at once."""
+        return event.index, skeleton_view(pose_from_file(GALLERY[event.index]))
 
     def picked_example(event: gr.SelectData):
         return str(EXAMPLES[event.index].with_suffix(".json"))
@@ -195,7 +196,7 @@ def build(pipes, demo=False):
                                            ("generated", "Generated"))]
         poses = gr.Gallery(label="In every pose of the gallery", columns=6, format="png", elem_id="all-poses-gallery")
         chosen = gr.State(0)
-        gallery.select(selected, None, chosen)
+        gallery.select(selected, None, [chosen, outputs[3]])
         mode.change(show, mode, [gallery, pose_rgb, pose_path])
         model.change(guidance_controls, model, [cfg_scale, scale_pow])
         for event in (source.upload, source.clear):  # a photo of one's own is no example

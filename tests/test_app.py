@@ -216,6 +216,7 @@ def test_the_page_turns_a_photo_into_a_person_in_a_pose(browser, served, photos,
     assert "bundled demo model" in page.locator("#model").inner_text()
     page.locator("#source input[type=file]").set_input_files(str(photos / "astronaut.png"))
     page.locator("#gallery button:has-text('05_full')").click()
+    page.locator("#target img").wait_for(timeout=60000)  # the choice has reached the server
     page.click("#generate")
     generated = shown_image(page, "generated")
     assert generated.shape == (32, 32, 3) and generated.std() > 10
@@ -237,6 +238,7 @@ def test_an_example_clicked_on_the_page_is_generated_with_its_keypoints(app, dem
     assert ".json" not in page.locator("#examples").inner_text()
     page.locator("#examples button").nth(1).click()
     page.locator("#gallery button:has-text('03_front')").click()
+    page.locator("#target img").wait_for(timeout=60000)  # the choice has reached the server
     page.click("#generate")
     png = app.EXAMPLES[1]
     *_, expected = app.transfer(demo_pipe, read_photo(png), "gallery", None, None, 2,
